@@ -1,0 +1,18 @@
+"""diffrax_deer: parallel-in-time evaluation of ODEs and nonlinear recurrences.
+
+The two doors:
+
+- [`diffrax_deer.DEER`][]: a diffrax solver, `diffrax.diffeqsolve(term, DEER(), ...)`.
+- [`diffrax_deer.linear_recurrence`][]: the parallel scan underneath everything.
+"""
+
+from ._expm import exp_phi1_diagonal as exp_phi1_diagonal, expm as expm, expm_phi1 as expm_phi1
+from ._linear_recurrence import (
+    linear_recurrence as linear_recurrence,
+    sequential_linear_recurrence as sequential_linear_recurrence,
+)
+from ._newton import NewtonStats as NewtonStats
+from ._solver import DEER as DEER, DEERState as DEERState
+
+
+__version__ = "0.1.0"

@@ -1,0 +1,242 @@
+r"""Batched matrix exponentials $e^X$ and $\varphi_1(X) z$ for the exponential scheme.
+
+$$e^X = \sum_{j \ge 0} \frac{X^j}{j!}, \qquad
+\varphi_1(X) = \sum_{j \ge 0} \frac{X^j}{(j+1)!} = (e^X - I) X^{-1}.$$
+
+Both are read off one exponential of the augmented matrix
+$\tilde X = \begin{pmatrix} X & z \\ 0 & 0 \end{pmatrix}$, since
+$e^{\tilde X} = \begin{pmatrix} e^X & \varphi_1(X) z \\ 0 & 1 \end{pmatrix}$; this stays
+valid when $X$ is singular. The evaluation is a truncated Taylor series of fixed low
+degree $m$ (cheap when $\|X\|$ is small, which is the usual case for DEER) combined
+with scaling and squaring: $X$ is divided by $2^s$ with $s$ chosen per matrix from
+$\|X\|_1$ so that the truncation error is below the unit roundoff, and the result is
+squared $s$ times. The loop over squarings runs only as many times as the largest $s$
+in the batch, so stiff matrices ($\|X\| \gg 1$) are handled correctly and non-stiff
+ones pay nothing for it.
+
+Derivatives use the Fréchet derivative $L(X)[E]$, read off the exponential of the block
+matrix $\begin{pmatrix} X & E \\ 0 & X \end{pmatrix}$. It is wrapped as a primitive that
+is linear in $E$ with transpose $L(X^\top)[\cdot]$, so forward and reverse mode both work
+and reverse mode stores nothing but $X$ (no per-squaring residuals).
+"""
+
+import functools as ft
+import math
+
+import equinox.internal as eqxi
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def _mm(A, B):
+    return jnp.einsum("...ij,...jk->...ik", A, B, precision=_HIGHEST)
+
+
+def _mv(A, x):
+    return jnp.einsum("...ij,...j->...i", A, x, precision=_HIGHEST)
+
+
+@ft.cache
+def _degree_and_theta(dtype) -> tuple[int, float]:
+    """Taylor degree `m` and the largest norm `theta` for which the truncation error
+    `theta^(m+1)/(m+1)!` is below the unit roundoff of `dtype`."""
+    eps = float(jnp.finfo(dtype).eps) / 2
+    m = 8 if eps < 1e-10 else 5
+    theta = (eps * math.factorial(m + 1)) ** (1.0 / (m + 1))
+    return m, theta
+
+
+def _taylor_scaling_squaring(X: Array, z: Array | None):
+    """Core evaluation, batched over the leading axes of `X` (..., n, n) and `z` (..., n).
+
+    Returns `(e^X, phi_1(X) z)` (or `(e^X, None)`). Not differentiable through its
+    squaring loop: differentiate via `expm_phi1` / `expm`, which use the Fréchet
+    primitive below.
+    """
+    n = X.shape[-1]
+    m, theta = _degree_and_theta(X.dtype)
+    norm = jnp.max(jnp.sum(jnp.abs(X), axis=-2), axis=-1)
+    # Number of halvings so that ||X / 2^s||_1 <= theta. Non-finite norms get s = 0 so
+    # that the loop terminates; their result is non-finite anyway.
+    s = jnp.ceil(jnp.log2(jnp.maximum(norm, theta) / theta))
+    s = jnp.where(jnp.isfinite(s), s, 0).astype(jnp.int32)
+    s = jnp.minimum(s, 1023)
+    scale = jnp.exp2(-s.astype(X.dtype))
+    Xs = X * scale[..., None, None]
+    eye = jnp.eye(n, dtype=X.dtype)
+    # Horner: e^X = I + X(I + X/2(I + X/3(...(I + X/m)))).
+    P = eye + Xs / m
+    for j in range(m - 1, 0, -1):
+        P = eye + _mm(Xs, P) / j
+    if z is None:
+        w = None
+    else:
+        zs = z * scale[..., None]
+        # phi_1(X) z = z + X/2 (z + X/3 (z + ... (z + X/(m+1) z))).
+        w = zs
+        for j in range(m, 0, -1):
+            w = zs + _mv(Xs, w) / (j + 1)
+    s_max = jnp.max(s) if s.ndim > 0 else s
+
+    def cond(carry):
+        i, _, _ = carry
+        return i < s_max
+
+    def body(carry):
+        i, P, w = carry
+        square = i < s
+        if w is not None:
+            # [[E, w], [0, 1]]^2 = [[E^2, E w + w], [0, 1]]
+            w = jnp.where(square[..., None], _mv(P, w) + w, w)
+        P = jnp.where(square[..., None, None], _mm(P, P), P)
+        return i + 1, P, w
+
+    _, P, w = lax.while_loop(cond, body, (jnp.array(0, jnp.int32), P, w))
+    return P, w
+
+
+#
+# Fréchet derivative as a primitive linear in its second argument.
+#
+
+
+def _block(X, E):
+    zero = jnp.zeros_like(X)
+    top = jnp.concatenate([X, E], axis=-1)
+    bottom = jnp.concatenate([zero, X], axis=-1)
+    return jnp.concatenate([top, bottom], axis=-2)
+
+
+def _frechet_impl_raw(X, E):
+    n = X.shape[-1]
+    B = _block(X, E)
+    out, _ = _taylor_scaling_squaring(B, None)
+    return out[..., :n, n:]
+
+
+@eqxi.filter_primitive_def
+def _frechet_impl(X, E):
+    return [_frechet_impl_raw(X, E)]
+
+
+@eqxi.filter_primitive_def
+def _frechet_abstract_eval(X, E):
+    return [jax.core.ShapedArray(E.shape, E.dtype)]
+
+
+def _frechet(X: Array, E: Array) -> Array:
+    (out,) = eqxi.filter_primitive_bind(_frechet_p, X, E)
+    return out
+
+
+@eqxi.filter_primitive_jvp
+def _frechet_jvp(primals, tangents):
+    X, E = primals
+    tX, tE = tangents
+    out = _frechet(X, E)
+    n = X.shape[-1]
+    # d/d(X, E) of [exp([[X, E], [0, X]])]_{12} is the Fréchet derivative of the block
+    # matrix in the direction [[tX, tE], [0, tX]], read off the same block.
+    tX = jnp.zeros_like(X) if tX is None else tX
+    tE = jnp.zeros_like(E) if tE is None else tE
+    t_out = _frechet(_block(X, E), _block(tX, tE))[..., :n, n:]
+    return [out], [t_out]
+
+
+def _is_undefined(x):
+    return isinstance(x, jax.interpreters.ad.UndefinedPrimal)
+
+
+@eqxi.filter_primitive_transpose(materialise_zeros=True)
+def _frechet_transpose(inputs, cts_out):
+    X, E = inputs
+    if _is_undefined(X):
+        raise NotImplementedError(
+            "The Fréchet derivative of the matrix exponential is linear in its "
+            "direction only."
+        )
+    (ct,) = cts_out
+    # <W, L(X)[E]> = <L(X^T)[W], E>
+    return None, _frechet(jnp.swapaxes(X, -1, -2), ct)
+
+
+_frechet_p = eqxi.create_vprim(
+    "diffrax_deer_expm_frechet",
+    _frechet_impl,
+    _frechet_abstract_eval,
+    _frechet_jvp,
+    _frechet_transpose,
+)
+
+
+#
+# Public(ish) functions.
+#
+
+
+def _augment(X, z):
+    n = X.shape[-1]
+    batch = X.shape[:-2]
+    top = jnp.concatenate([X, z[..., None]], axis=-1)
+    bottom = jnp.zeros(batch + (1, n + 1), X.dtype)
+    return jnp.concatenate([top, bottom], axis=-2)
+
+
+@jax.custom_jvp
+def expm_phi1(
+    X: Float[Array, "*batch n n"], z: Float[Array, "*batch n"]
+) -> tuple[Float[Array, "*batch n n"], Float[Array, "*batch n"]]:
+    r"""Returns $(e^X, \varphi_1(X) z)$, batched over leading axes.
+
+    Accurate for any $\|X\|$ (scaling and squaring), cheap when $\|X\|$ is small;
+    differentiable in forward and reverse mode (to any order).
+
+    !!! example
+
+        ```python
+        X = jnp.array([[0.0, 1.0], [-1.0, 0.0]])
+        E, w = expm_phi1(X, jnp.ones(2))
+        ```
+    """
+    return _taylor_scaling_squaring(X, z)
+
+
+@expm_phi1.defjvp
+def _expm_phi1_jvp(primals, tangents):
+    X, z = primals
+    tX, tz = tangents
+    n = X.shape[-1]
+    out = expm_phi1(X, z)
+    L = _frechet(_augment(X, z), _augment(tX, tz))
+    return out, (L[..., :n, :n], L[..., :n, n])
+
+
+@jax.custom_jvp
+def expm(X: Float[Array, "*batch n n"]) -> Float[Array, "*batch n n"]:
+    r"""Matrix exponential $e^X$, batched over leading axes; see
+    [`diffrax_deer.expm_phi1`][]. Agrees with `jax.scipy.linalg.expm`, but costs a
+    fixed low-degree polynomial plus only as many squarings as the batch needs."""
+    return _taylor_scaling_squaring(X, None)[0]
+
+
+@expm.defjvp
+def _expm_jvp(primals, tangents):
+    (X,) = primals
+    (tX,) = tangents
+    return expm(X), _frechet(X, tX)
+
+
+def exp_phi1_diagonal(
+    x: Float[Array, "*batch n"], z: Float[Array, "*batch n"]
+) -> tuple[Float[Array, "*batch n"], Float[Array, "*batch n"]]:
+    r"""Elementwise $(e^x, \varphi_1(x) z)$ for diagonal $X = \operatorname{diag}(x)$,
+    with $\varphi_1(x) = (e^x - 1)/x$ evaluated stably near $x = 0$."""
+    small = jnp.abs(x) < 1e-4
+    safe_x = jnp.where(small, 1.0, x)
+    phi = jnp.where(small, 1 + x / 2 + x**2 / 6, jnp.expm1(safe_x) / safe_x)
+    return jnp.exp(x), phi * z

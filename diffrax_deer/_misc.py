@@ -1,0 +1,79 @@
+"""Small shared helpers: flattening PyTree states to vectors, default tolerances."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, PyTree
+
+
+class TreeFlattener(eqx.Module):
+    """Maps a PyTree state with floating leaves of any shapes to a flat `(D,)` vector
+    and back. Built from an example state; all leaves must share one floating dtype.
+    Works on stacked states too (`ravel_stacked` / `unravel_stacked`), with the
+    stacking axes in front."""
+
+    treedef: jtu.PyTreeDef = eqx.field(static=True)
+    shapes: tuple[tuple[int, ...], ...] = eqx.field(static=True)
+    dtype: jnp.dtype = eqx.field(static=True)
+
+    def __init__(self, tree: PyTree[Array], what: str = "y0"):
+        leaves, self.treedef = jtu.tree_flatten(tree)
+        if len(leaves) == 0:
+            raise ValueError(f"`{what}` must contain at least one array.")
+        dtypes = {jnp.result_type(x) for x in leaves}
+        for dt in dtypes:
+            if not jnp.issubdtype(dt, jnp.floating):
+                raise TypeError(
+                    f"Every leaf of `{what}` must be a real floating-point array (the "
+                    f"Newton iteration differentiates through it); got dtype {dt}."
+                )
+        if len(dtypes) > 1:
+            raise TypeError(
+                f"All leaves of `{what}` must share one dtype; got {sorted(map(str, dtypes))}."
+            )
+        self.shapes = tuple(tuple(jnp.shape(x)) for x in leaves)
+        self.dtype = dtypes.pop()
+
+    @property
+    def size(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    def ravel(self, tree: PyTree[Array]) -> Array:
+        leaves = jtu.tree_leaves(tree)
+        return jnp.concatenate([jnp.reshape(x, (-1,)) for x in leaves]).astype(
+            self.dtype
+        )
+
+    def unravel(self, flat: Array) -> PyTree[Array]:
+        return self.unravel_stacked(flat)
+
+    def ravel_stacked(self, tree: PyTree[Array], ndim: int = 1) -> Array:
+        leaves = jtu.tree_leaves(tree)
+        lead = jnp.shape(leaves[0])[:ndim]
+        return jnp.concatenate(
+            [jnp.reshape(x, lead + (-1,)) for x in leaves], axis=-1
+        ).astype(self.dtype)
+
+    def unravel_stacked(self, flat: Array) -> PyTree[Array]:
+        lead = flat.shape[:-1]
+        leaves = []
+        start = 0
+        for shape in self.shapes:
+            size = math.prod(shape)
+            leaves.append(jnp.reshape(flat[..., start : start + size], lead + shape))
+            start += size
+        return jtu.tree_unflatten(self.treedef, leaves)
+
+
+def default_tolerance(dtype) -> float:
+    """Newton tolerance used when `rtol`/`atol` are not given: 1e-8 in float64, about
+    2e-5 in float32 (a few hundred ulps: tighter would chase round-off)."""
+    eps = float(jnp.finfo(dtype).eps)
+    return max(1e-8, 160 * eps)
+
+
+def is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)

@@ -1,0 +1,191 @@
+r"""The parallel Newton iteration over a whole trajectory, and its implicit derivative.
+
+A trajectory $y_1, \dots, y_T$ (flattened states, shape `(T, D)`) is the root of the
+residual $r_k(y) = y_k - \Phi_k(y)$, where $\Phi_k$ depends only on $y_{k-1}$ and $y_k$
+(with $y_0$ the given initial state). A *problem* (a subclass of
+`AbstractTrajectoryProblem`) supplies a linearisation of $\Phi$ about any trajectory,
+
+$$\Phi_k(y) \approx A_k y_{k-1} + b_k,$$
+
+and one Newton iteration solves that linear recurrence for all $k$ at once with the
+parallel scan of [`diffrax_deer.linear_recurrence`][]. Full Jacobians $A_k$ give DEER,
+diagonal ones quasi-DEER.
+
+The iteration stops when the update is small in the optimistix sense,
+$\| (y^{(i+1)} - y^{(i)}) / (\text{atol} + \text{rtol}\, |y^{(i+1)}|) \| \le 1$; for
+Newton's method the last update also bounds the error of the previous iterate, and the
+returned iterate is better still.
+
+Gradients never go through the iterations: at the converged trajectory the implicit
+function theorem gives $\mathrm{d}y = -(\partial r/\partial y)^{-1} \partial r/\partial
+\theta\, \mathrm{d}\theta$, a block-bidiagonal solve done by
+[`diffrax_deer._lineax.TrajectoryJacobianSolver`][] with the same scan (transposed, i.e.
+run backwards, in reverse mode). Memory and time do not grow with the number of
+iterations, and forward and reverse mode are both supported.
+"""
+
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+import optimistix as optx
+from jaxtyping import Array, Bool, Float, Int
+
+from ._lineax import TrajectoryJacobianSolver
+from ._linear_recurrence import linear_recurrence, matvec
+
+
+class AbstractTrajectoryProblem(eqx.Module):
+    """A trajectory defined by $y_k = \\Phi_k(y_{k-1}, y_k)$, $k = 1..T$, as seen by
+    the Newton layer. Every floating-point array held by the problem (initial state,
+    parameters, times, ...) is differentiated through by the implicit function theorem.
+    """
+
+    @property
+    @abc.abstractmethod
+    def init(self) -> Float[Array, " D"]:
+        """The initial state $y_0$, flattened."""
+
+    @abc.abstractmethod
+    def linearise(
+        self, ys: Float[Array, "T D"]
+    ) -> tuple[Float[Array, "T D D"] | Float[Array, "T D"], Float[Array, "T D"]]:
+        """Transitions `A` (dense `(T, D, D)` or diagonal `(T, D)`) and offsets `b` of
+        the linear recurrence whose solution is the next Newton iterate."""
+
+    # Whether `linearise` gives the exact Jacobian of `residual` (true for DEER on a
+    # recurrence); then implicit differentiation needs one scan and nothing more.
+    exact_jacobian: eqx.AbstractVar[bool]
+
+    def residual(self, ys: Float[Array, "T D"]) -> Float[Array, "T D"]:
+        """$r_k = y_k - \\Phi_k(y)$. The default reads $\\Phi$ off the linearisation."""
+        A, b = self.linearise(ys)
+        prev = jnp.concatenate([self.init[None], ys[:-1]])
+        return ys - (matvec(A, prev) + b)
+
+
+class NewtonStats(eqx.Module):
+    """Diagnostics of one parallel Newton solve.
+
+    - `num_iters`: Newton iterations taken.
+    - `update_norm`: size of the last update in units of the tolerance
+      (`<= 1` means converged; it estimates the error of the previous iterate).
+    - `result`: an `optimistix.RESULTS`.
+    """
+
+    num_iters: Int[Array, ""]
+    update_norm: Float[Array, ""]
+    result: optx.RESULTS
+
+
+def _scaled_norm(diff, ys, rtol, atol, norm):
+    return norm(diff / (atol + rtol * jnp.abs(ys)))
+
+
+def newton_iterations(
+    problem: AbstractTrajectoryProblem,
+    guess: Float[Array, "T D"],
+    *,
+    rtol: float,
+    atol: float,
+    norm: Callable,
+    max_iters: int,
+) -> tuple[Float[Array, "T D"], NewtonStats]:
+    """Runs the Newton iteration from `guess` (no autodiff; see `solve_trajectory`)."""
+    init = problem.init
+
+    def cond(carry):
+        i, _, _, done, _ = carry
+        return (i < max_iters) & jnp.invert(done)
+
+    def body(carry):
+        i, ys, _, _, _ = carry
+        A, b = problem.linearise(ys)
+        new = linear_recurrence(A, b, init)
+        scaled = _scaled_norm(new - ys, new, rtol, atol, norm)
+        finite = jnp.all(jnp.isfinite(new))
+        converged = finite & (scaled <= 1)
+        done = converged | jnp.invert(finite)
+        return i + 1, new, scaled, done, finite
+
+    dtype = guess.dtype
+    carry = (
+        jnp.array(0, jnp.int32),
+        guess,
+        jnp.array(jnp.inf, dtype),
+        jnp.array(False),
+        jnp.array(True),
+    )
+    num_iters, ys, scaled, done, finite = lax.while_loop(cond, body, carry)
+    result = optx.RESULTS.where(
+        done & finite,
+        optx.RESULTS.successful,
+        optx.RESULTS.where(
+            finite,
+            optx.RESULTS.nonlinear_max_steps_reached,
+            optx.RESULTS.nonlinear_divergence,
+        ),
+    )
+    return ys, NewtonStats(num_iters, scaled, result)
+
+
+def _residual_fn(ys, problem):
+    return problem.residual(ys)
+
+
+@eqx.filter_custom_jvp
+def _solve(problem, guess, *, rtol, atol, norm, max_iters):
+    return newton_iterations(
+        problem, guess, rtol=rtol, atol=atol, norm=norm, max_iters=max_iters
+    )
+
+
+@_solve.def_jvp
+def _solve_jvp(primals, tangents, *, rtol, atol, norm, max_iters):
+    problem, guess = primals
+    t_problem, _ = tangents
+    ys, stats = _solve(
+        problem, guess, rtol=rtol, atol=atol, norm=norm, max_iters=max_iters
+    )
+    # dr/dtheta . dtheta at the solution ...
+    _, t_residual = eqx.filter_jvp(
+        lambda p: _residual_fn(ys, p), (problem,), (t_problem,)
+    )
+    # ... and the solve with dr/dy, preconditioned by the Newton linearisation.
+    operator = lx.JacobianLinearOperator(_residual_fn, ys, problem)
+    transitions, _ = problem.linearise(ys)
+    lin_rtol = max(float(jnp.finfo(ys.dtype).eps) ** 0.75, 1e-12)
+    solver = TrajectoryJacobianSolver(
+        lax.stop_gradient(transitions),
+        exact=problem.exact_jacobian,
+        rtol=lin_rtol,
+        max_steps=max(max_iters, 16),
+    )
+    t_ys = lx.linear_solve(operator, -t_residual, solver).value
+    t_stats = jtu.tree_map(lambda _: None, stats)
+    return (ys, stats), (t_ys, t_stats)
+
+
+def solve_trajectory(
+    problem: AbstractTrajectoryProblem,
+    guess: Float[Array, "T D"],
+    *,
+    rtol: float,
+    atol: float,
+    norm: Callable = optx.max_norm,
+    max_iters: int = 100,
+) -> tuple[Float[Array, "T D"], NewtonStats]:
+    """Solves for the trajectory of `problem` by parallel Newton iterations from `guess`,
+    differentiable (forward and reverse mode) with respect to every array in `problem`
+    by the implicit function theorem. `guess` is not differentiated."""
+    guess = lax.stop_gradient(guess)
+    return _solve(problem, guess, rtol=rtol, atol=atol, norm=norm, max_iters=max_iters)
+
+
+def is_successful(stats: NewtonStats) -> Bool[Array, ""]:
+    return stats.result == optx.RESULTS.successful
