@@ -68,7 +68,7 @@ def _taylor_scaling_squaring(X: Array, z: Array | None):
     s = jnp.minimum(s, 1023)
     scale = jnp.exp2(-s.astype(X.dtype))
     Xs = X * scale[..., None, None]
-    eye = jnp.eye(n, dtype=X.dtype)
+    eye = jnp.broadcast_to(jnp.eye(n, dtype=X.dtype), X.shape)
     # Horner: e^X = I + X(I + X/2(I + X/3(...(I + X/m)))).
     P = eye + Xs / m
     for j in range(m - 1, 0, -1):

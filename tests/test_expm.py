@@ -1,0 +1,92 @@
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import numpy as np
+import pytest
+from diffrax_deer import exp_phi1_diagonal, expm, expm_phi1
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e-3, 0.1, 1.0, 5.0, 30.0])
+def test_expm_matches_scipy_random(scale):
+    X = jax.random.normal(jax.random.PRNGKey(0), (20, 4, 4)) * scale / 2
+    E = expm(X)
+    E_ref = jax.vmap(jsl.expm)(X)
+    rel = jnp.max(jnp.abs(E - E_ref)) / jnp.max(jnp.abs(E_ref))
+    assert rel < 1e-10
+
+
+@pytest.mark.parametrize("stiffness", [1.0, 1e2, 1e4, 1e6])
+def test_expm_stiff_negative_definite(stiffness):
+    # Stiff, negative-definite generators (large ||J dt||): the regime a truncated
+    # Taylor series without scaling and squaring gets badly wrong.
+    key = jax.random.PRNGKey(1)
+    Q, _ = jnp.linalg.qr(jax.random.normal(key, (3, 3)))
+    lam = -jnp.array([stiffness, 1.0, 0.1])
+    X = Q @ jnp.diag(lam) @ Q.T
+    E = expm(X[None])[0]
+    E_ref = Q @ jnp.diag(jnp.exp(lam)) @ Q.T
+    np.testing.assert_allclose(E, E_ref, atol=1e-9)
+
+
+def test_phi1_closed_form_including_singular():
+    lam = jnp.array([-1e4, -3.0, -1e-9, 0.0, 0.5, 2.0])
+    X = jnp.diag(lam)[None]
+    z = jnp.ones((1, 6))
+    E, w = expm_phi1(X, z)
+    expected = jnp.where(lam == 0, 1.0, jnp.expm1(lam) / jnp.where(lam == 0, 1.0, lam))
+    np.testing.assert_allclose(w[0], expected, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(jnp.diag(E[0]), jnp.exp(lam), rtol=1e-10, atol=1e-300)
+    # A nilpotent (singular, non-diagonalisable) generator: phi1 = I + X/2.
+    N = jnp.array([[0.0, 1.0], [0.0, 0.0]])
+    E, w = expm_phi1(N[None], jnp.array([[1.0, 2.0]]))
+    np.testing.assert_allclose(E[0], jnp.eye(2) + N, atol=1e-15)
+    np.testing.assert_allclose(w[0], jnp.array([2.0, 2.0]), atol=1e-15)
+
+
+def test_phi1_matches_augmented_scipy():
+    k1, k2 = jax.random.split(jax.random.PRNGKey(2))
+    X = jax.random.normal(k1, (10, 3, 3)) * 3
+    z = jax.random.normal(k2, (10, 3))
+    _, w = expm_phi1(X, z)
+    aug = jnp.zeros((10, 4, 4)).at[:, :3, :3].set(X).at[:, :3, 3].set(z)
+    w_ref = jax.vmap(jsl.expm)(aug)[:, :3, 3]
+    np.testing.assert_allclose(w, w_ref, rtol=1e-11, atol=1e-11)
+
+
+def test_derivatives_forward_reverse_second_order():
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(3), 4)
+    X = jax.random.normal(k1, (3, 3, 3)) * 2
+    z = jax.random.normal(k2, (3, 3))
+    tX = jax.random.normal(k3, X.shape)
+    tz = jax.random.normal(k4, z.shape)
+
+    def loss(X, z):
+        E, w = expm_phi1(X, z)
+        return jnp.sum(jnp.sin(E)) + jnp.sum(w**2)
+
+    eps = 1e-6
+    fd = (loss(X + eps * tX, z + eps * tz) - loss(X - eps * tX, z - eps * tz)) / (2 * eps)
+    _, fwd = jax.jvp(loss, (X, z), (tX, tz))
+    gX, gz = jax.grad(loss, (0, 1))(X, z)
+    rev = jnp.sum(gX * tX) + jnp.sum(gz * tz)
+    np.testing.assert_allclose(fwd, fd, rtol=1e-7)
+    np.testing.assert_allclose(rev, fd, rtol=1e-7)
+    # second order: forward-over-reverse against finite differences of the gradient
+    hvp = jax.jvp(lambda X: jax.grad(loss)(X, z), (X,), (tX,))[1]
+    hfd = (jax.grad(loss)(X + eps * tX, z) - jax.grad(loss)(X - eps * tX, z)) / (2 * eps)
+    np.testing.assert_allclose(hvp, hfd, rtol=1e-5, atol=1e-5 * jnp.max(jnp.abs(hfd)))
+    # gradient of expm agrees with scipy's
+    g = jax.grad(lambda X: jnp.sum(expm(X) * tX))(X)
+    g_ref = jax.grad(lambda X: jnp.sum(jax.vmap(jsl.expm)(X) * tX))(X)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-9)
+
+
+def test_diagonal():
+    x = jnp.array([-50.0, -1.0, -1e-7, 0.0, 1e-6, 0.3, 4.0])
+    z = jnp.arange(1.0, 8.0)
+    a, w = exp_phi1_diagonal(x, z)
+    E, w_dense = expm_phi1(jnp.diag(x)[None], z[None])
+    np.testing.assert_allclose(a, jnp.exp(x))
+    np.testing.assert_allclose(w, w_dense[0], rtol=1e-12)
+    g = jax.grad(lambda x: jnp.sum(exp_phi1_diagonal(x, z)[1]))(x)
+    assert jnp.all(jnp.isfinite(g))
