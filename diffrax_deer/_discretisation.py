@@ -31,7 +31,7 @@ from jaxtyping import Array, Float, PyTree, Real
 
 from ._expm import exp_phi1_diagonal, expm_phi1
 from ._jacobian import value_and_jacobian
-from ._linear_recurrence import matvec
+from ._batched import matvec
 from ._misc import TreeFlattener
 from ._newton import AbstractTrajectoryProblem
 

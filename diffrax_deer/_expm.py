@@ -29,22 +29,16 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-
-_HIGHEST = lax.Precision.HIGHEST
-
-
-def _mm(A, B):
-    return jnp.einsum("...ij,...jk->...ik", A, B, precision=_HIGHEST)
-
-
-def _mv(A, x):
-    return jnp.einsum("...ij,...j->...i", A, x, precision=_HIGHEST)
+from ._batched import matmul, matvec
 
 
 @ft.cache
-def _degree_and_theta(dtype) -> tuple[int, float]:
-    """Taylor degree `m` and the largest norm `theta` for which the truncation error
-    `theta^(m+1)/(m+1)!` is below the unit roundoff of `dtype`."""
+def _max_degree_and_theta(dtype) -> tuple[int, float]:
+    """Largest Taylor degree `m` and the norm bound `theta` after scaling, such that the
+    truncation error `theta^(m+1)/(m+1)!` is below the unit roundoff of `dtype`.
+
+    `m + s` (degree plus squarings) is nearly flat in `theta` around these values for
+    large norms; small norms use a lower degree (see `_taylor_scaling_squaring`)."""
     eps = float(jnp.finfo(dtype).eps) / 2
     m = 8 if eps < 1e-10 else 5
     theta = (eps * math.factorial(m + 1)) ** (1.0 / (m + 1))
@@ -54,50 +48,72 @@ def _degree_and_theta(dtype) -> tuple[int, float]:
 def _taylor_scaling_squaring(X: Array, z: Array | None):
     """Core evaluation, batched over the leading axes of `X` (..., n, n) and `z` (..., n).
 
-    Returns `(e^X, phi_1(X) z)` (or `(e^X, None)`). Not differentiable through its
-    squaring loop: differentiate via `expm_phi1` / `expm`, which use the Fréchet
-    primitive below.
+    Returns `(e^X, phi_1(X) z)` (or `(e^X, None)`). Work: one matrix product per Taylor
+    degree actually needed by the largest (scaled) norm in the batch -- e.g. 4 when
+    `||X|| ~ 1e-4` in float64 -- plus one per squaring the batch needs. Not
+    differentiable through its loops: differentiate via `expm_phi1` / `expm`, which use
+    the Fréchet primitive below.
     """
     n = X.shape[-1]
-    m, theta = _degree_and_theta(X.dtype)
+    max_degree, theta = _max_degree_and_theta(X.dtype)
+    unit_roundoff = float(jnp.finfo(X.dtype).eps) / 2
     norm = jnp.max(jnp.sum(jnp.abs(X), axis=-2), axis=-1)
     # Number of halvings so that ||X / 2^s||_1 <= theta. Non-finite norms get s = 0 so
-    # that the loop terminates; their result is non-finite anyway.
+    # that the loops terminate; their result is non-finite anyway.
     s = jnp.ceil(jnp.log2(jnp.maximum(norm, theta) / theta))
-    s = jnp.where(jnp.isfinite(s), s, 0).astype(jnp.int32)
-    s = jnp.minimum(s, 1023)
+    finite = jnp.isfinite(s)
+    s = jnp.minimum(jnp.where(finite, s, 0), 1023).astype(jnp.int32)
     scale = jnp.exp2(-s.astype(X.dtype))
     Xs = X * scale[..., None, None]
+    # Degree: the number of Taylor terms nu^j / j! above the unit roundoff, for the
+    # largest scaled norm nu in the batch (at most `max_degree` since nu <= theta).
+    nu = jnp.max(jnp.where(finite, norm * scale, 0))
+    term_sizes = jnp.cumprod(nu / jnp.arange(1, max_degree + 1, dtype=X.dtype))
+    degree = jnp.sum(term_sizes > unit_roundoff).astype(jnp.int32)
+
     eye = jnp.broadcast_to(jnp.eye(n, dtype=X.dtype), X.shape)
-    # Horner: e^X = I + X(I + X/2(I + X/3(...(I + X/m)))).
-    P = eye + Xs / m
-    for j in range(m - 1, 0, -1):
-        P = eye + _mm(Xs, P) / j
+    E = eye + Xs
+    term = Xs
     if z is None:
-        w = None
+        v = w = None
     else:
         zs = z * scale[..., None]
-        # phi_1(X) z = z + X/2 (z + X/3 (z + ... (z + X/(m+1) z))).
-        w = zs
-        for j in range(m, 0, -1):
-            w = zs + _mv(Xs, w) / (j + 1)
+        v = matvec(Xs, zs) / 2
+        w = zs + v
+
+    # Taylor terms 2..degree: term_j = X^j / j!, v_j = X^j z / (j+1)!.
+    def taylor_cond(carry):
+        return carry[0] <= degree
+
+    def taylor_body(carry):
+        j, E, term, v, w = carry
+        jf = j.astype(X.dtype)
+        term = matmul(term, Xs) / jf
+        E = E + term
+        if v is not None:
+            v = matvec(Xs, v) / (jf + 1)
+            w = w + v
+        return j + 1, E, term, v, w
+
+    carry = (jnp.array(2, jnp.int32), E, term, v, w)
+    _, E, _, _, w = lax.while_loop(taylor_cond, taylor_body, carry)
+
     s_max = jnp.max(s) if s.ndim > 0 else s
 
-    def cond(carry):
-        i, _, _ = carry
-        return i < s_max
+    def square_cond(carry):
+        return carry[0] < s_max
 
-    def body(carry):
-        i, P, w = carry
+    def square_body(carry):
+        i, E, w = carry
         square = i < s
         if w is not None:
             # [[E, w], [0, 1]]^2 = [[E^2, E w + w], [0, 1]]
-            w = jnp.where(square[..., None], _mv(P, w) + w, w)
-        P = jnp.where(square[..., None, None], _mm(P, P), P)
-        return i + 1, P, w
+            w = jnp.where(square[..., None], matvec(E, w) + w, w)
+        E = jnp.where(square[..., None, None], matmul(E, E), E)
+        return i + 1, E, w
 
-    _, P, w = lax.while_loop(cond, body, (jnp.array(0, jnp.int32), P, w))
-    return P, w
+    _, E, w = lax.while_loop(square_cond, square_body, (jnp.array(0, jnp.int32), E, w))
+    return E, w
 
 
 #

@@ -9,8 +9,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-
-_HIGHEST = lax.Precision.HIGHEST
+from ._batched import matmul, matvec
 
 
 def _is_diagonal(A: Array, b: Array) -> bool:
@@ -29,23 +28,12 @@ def _is_diagonal(A: Array, b: Array) -> bool:
     return True
 
 
-def matvec(A: Array, x: Array) -> Array:
-    """`A @ x` batched over leading axes, for dense `(..., D, D)` or diagonal `(..., D)`
-    `A`, at the highest matmul precision (no TF32 on GPUs)."""
-    if A.ndim == x.ndim:
-        return A * x
-    return jnp.einsum("...ij,...j->...i", A, x, precision=_HIGHEST)
-
-
 def _combine(earlier, later):
     A_i, b_i = earlier
     A_j, b_j = later
     if A_i.ndim == b_i.ndim:  # diagonal
         return A_j * A_i, A_j * b_i + b_j
-    return (
-        jnp.einsum("...ij,...jk->...ik", A_j, A_i, precision=_HIGHEST),
-        jnp.einsum("...ij,...j->...i", A_j, b_i, precision=_HIGHEST) + b_j,
-    )
+    return matmul(A_j, A_i), matvec(A_j, b_i) + b_j
 
 
 def linear_recurrence(

@@ -37,7 +37,8 @@ import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int
 
 from ._lineax import TrajectoryJacobianSolver
-from ._linear_recurrence import linear_recurrence, matvec
+from ._batched import matvec
+from ._linear_recurrence import linear_recurrence
 
 
 class AbstractTrajectoryProblem(eqx.Module):
