@@ -45,6 +45,24 @@ def _max_degree_and_theta(dtype) -> tuple[int, float]:
     return m, theta
 
 
+_UNROLLED_TERMS = 4
+
+
+def norm1(X: Array) -> Array:
+    """Matrix 1-norm (largest absolute column sum) over leading batch axes; for small
+    matrices written out elementwise, which XLA fuses into one pass."""
+    n = X.shape[-1]
+    if n > 8:
+        return jnp.max(jnp.sum(jnp.abs(X), axis=-2), axis=-1)
+    out = None
+    for k in range(n):
+        col = jnp.abs(X[..., 0, k])
+        for i in range(1, n):
+            col = col + jnp.abs(X[..., i, k])
+        out = col if out is None else jnp.maximum(out, col)
+    return out
+
+
 def _taylor_scaling_squaring(X: Array, z: Array | None):
     """Core evaluation, batched over the leading axes of `X` (..., n, n) and `z` (..., n).
 
@@ -57,7 +75,7 @@ def _taylor_scaling_squaring(X: Array, z: Array | None):
     n = X.shape[-1]
     max_degree, theta = _max_degree_and_theta(X.dtype)
     unit_roundoff = float(jnp.finfo(X.dtype).eps) / 2
-    norm = jnp.max(jnp.sum(jnp.abs(X), axis=-2), axis=-1)
+    norm = norm1(X)
     # Number of halvings so that ||X / 2^s||_1 <= theta. Non-finite norms get s = 0 so
     # that the loops terminate; their result is non-finite anyway.
     s = jnp.ceil(jnp.log2(jnp.maximum(norm, theta) / theta))
@@ -72,30 +90,39 @@ def _taylor_scaling_squaring(X: Array, z: Array | None):
     degree = jnp.sum(term_sizes > unit_roundoff).astype(jnp.int32)
 
     eye = jnp.broadcast_to(jnp.eye(n, dtype=X.dtype), X.shape)
-    E = eye + Xs
-    term = Xs
     if z is None:
-        v = w = None
+        zs = None
     else:
         zs = z * scale[..., None]
+
+    # Taylor terms: term_j = X^j / j!, v_j = X^j z / (j+1)!. The first few are unrolled
+    # (XLA fuses them into few passes over memory); any further ones, needed only for
+    # larger norms, run in a loop.
+    def add_term(j, E, term, v, w):
+        term = matmul(term, Xs) / j
+        E = E + term
+        if v is not None:
+            v = matvec(Xs, v) / (j + 1)
+            w = w + v
+        return E, term, v, w
+
+    E, term = eye + Xs, Xs
+    v = w = None
+    if zs is not None:
         v = matvec(Xs, zs) / 2
         w = zs + v
+    for j in range(2, _UNROLLED_TERMS + 1):
+        E, term, v, w = add_term(float(j), E, term, v, w)
 
-    # Taylor terms 2..degree: term_j = X^j / j!, v_j = X^j z / (j+1)!.
     def taylor_cond(carry):
         return carry[0] <= degree
 
     def taylor_body(carry):
         j, E, term, v, w = carry
-        jf = j.astype(X.dtype)
-        term = matmul(term, Xs) / jf
-        E = E + term
-        if v is not None:
-            v = matvec(Xs, v) / (jf + 1)
-            w = w + v
+        E, term, v, w = add_term(j.astype(X.dtype), E, term, v, w)
         return j + 1, E, term, v, w
 
-    carry = (jnp.array(2, jnp.int32), E, term, v, w)
+    carry = (jnp.array(_UNROLLED_TERMS + 1, jnp.int32), E, term, v, w)
     _, E, _, _, w = lax.while_loop(taylor_cond, taylor_body, carry)
 
     s_max = jnp.max(s) if s.ndim > 0 else s
