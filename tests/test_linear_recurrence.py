@@ -27,10 +27,14 @@ def _dense_operator(A):
     return L
 
 
+METHODS = ["associative", "chunked", "sequential"]
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("structure", ["dense", "diagonal"])
-def test_forward_matches_sequential_and_dense_solve(structure):
+def test_forward_matches_sequential_and_dense_solve(structure, method):
     A, b, x0 = _random(structure)
-    x = linear_recurrence(A, b, x0)
+    x = linear_recurrence(A, b, x0, method=method)
     x_seq = sequential_linear_recurrence(A, b, x0)
     np.testing.assert_allclose(x, x_seq, rtol=1e-12, atol=1e-12)
     # Explicit loop.
@@ -41,16 +45,17 @@ def test_forward_matches_sequential_and_dense_solve(structure):
         np.testing.assert_allclose(x[k], state, rtol=1e-12, atol=1e-12)
     # Without x0 it solves L x = b.
     L = _dense_operator(A)
-    x_no_init = linear_recurrence(A, b)
+    x_no_init = linear_recurrence(A, b, method=method)
     np.testing.assert_allclose(
         x_no_init.reshape(-1), np.linalg.solve(L, np.asarray(b).reshape(-1)), atol=1e-11
     )
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("structure", ["dense", "diagonal"])
-def test_transpose_solves_transposed_system(structure):
+def test_transpose_solves_transposed_system(structure, method):
     A, b, _ = _random(structure, seed=1)
-    lam = linear_recurrence(A, b, transpose=True)
+    lam = linear_recurrence(A, b, transpose=True, method=method)
     L = _dense_operator(A)
     expected = np.linalg.solve(L.T, np.asarray(b).reshape(-1))
     np.testing.assert_allclose(lam.reshape(-1), expected, rtol=1e-11, atol=1e-11)
@@ -67,15 +72,22 @@ def test_transpose_is_adjoint_of_forward():
     rhs = jnp.sum(b * linear_recurrence(A, g, transpose=True))
     np.testing.assert_allclose(lhs, rhs, rtol=1e-12)
     # and autodiff of the forward scan agrees with the transposed scan
-    grad_b = jax.grad(lambda b: jnp.sum(linear_recurrence(A, b) * g))(b)
+    grad_b = jax.grad(lambda b: jnp.sum(linear_recurrence(A, b, method="associative") * g))(b)
     np.testing.assert_allclose(grad_b, linear_recurrence(A, g, transpose=True), atol=1e-12)
 
 
-def test_long_and_jittable():
-    A, b, x0 = _random("diagonal", T=10_000, D=2, seed=4)
-    A = 0.99 * jnp.tanh(A)
-    x = jax.jit(linear_recurrence)(A, b, x0)
-    np.testing.assert_allclose(x, sequential_linear_recurrence(A, b, x0), atol=1e-10)
+@pytest.mark.parametrize("T", [1, 2, 10_007])
+def test_lengths_and_jit(T):
+    # Lengths that are not a multiple of any chunk size, including a single step.
+    A, b, x0 = _random("dense", T=T, D=2, seed=4)
+    expected = sequential_linear_recurrence(A, b, x0)
+    for method in ["associative", "chunked"]:
+        x = jax.jit(lambda A, b, x0: linear_recurrence(A, b, x0, method=method))(A, b, x0)
+        np.testing.assert_allclose(x, expected, atol=1e-10)
+        lam = linear_recurrence(A, b, transpose=True, method=method)
+        np.testing.assert_allclose(
+            lam, sequential_linear_recurrence(A, b, transpose=True), atol=1e-10
+        )
 
 
 def test_shape_errors():
@@ -83,5 +95,7 @@ def test_shape_errors():
         linear_recurrence(jnp.zeros((5, 2, 3)), jnp.zeros((5, 2)))
     with pytest.raises(ValueError, match="Diagonal transitions"):
         linear_recurrence(jnp.zeros((5, 3)), jnp.zeros((5, 2)))
+    with pytest.raises(ValueError, match="method"):
+        linear_recurrence(jnp.zeros((5, 2)), jnp.zeros((5, 2)), method="magic")
     with pytest.raises(ValueError, match="x0"):
         linear_recurrence(jnp.zeros((5, 2)), jnp.zeros((5, 2)), jnp.zeros(2), transpose=True)
