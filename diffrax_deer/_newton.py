@@ -108,11 +108,17 @@ def newton_iterations(
         i, ys, _, _, _ = carry
         A, b = problem.linearise(ys)
         new = linear_recurrence(A, b, init)
+        # Non-finite states (overflow, NaN) are reset to the previous iterate (or the
+        # initial state). For recurrences this keeps the global-convergence property:
+        # after i iterations the first i states are exact, and later states may be
+        # reset to anything (Gonzalez et al., 2024, Prop. 1).
+        finite_points = jnp.all(jnp.isfinite(new), axis=-1, keepdims=True)
+        finite = jnp.all(finite_points)
+        fallback = jnp.where(jnp.isfinite(ys), ys, init[None])
+        new = jnp.where(finite_points, new, fallback)
         scaled = _scaled_norm(new - ys, new, rtol, atol, norm)
-        finite = jnp.all(jnp.isfinite(new))
         converged = finite & (scaled <= 1)
-        done = converged | jnp.invert(finite)
-        return i + 1, new, scaled, done, finite
+        return i + 1, new, scaled, converged, finite
 
     dtype = guess.dtype
     carry = (
@@ -122,9 +128,9 @@ def newton_iterations(
         jnp.array(False),
         jnp.array(True),
     )
-    num_iters, ys, scaled, done, finite = lax.while_loop(cond, body, carry)
+    num_iters, ys, scaled, converged, finite = lax.while_loop(cond, body, carry)
     result = optx.RESULTS.where(
-        done & finite,
+        converged,
         optx.RESULTS.successful,
         optx.RESULTS.where(
             finite,
@@ -132,6 +138,7 @@ def newton_iterations(
             optx.RESULTS.nonlinear_divergence,
         ),
     )
+    scaled = jnp.where(converged, scaled, jnp.maximum(scaled, 1 + jnp.finfo(dtype).eps))
     return ys, NewtonStats(num_iters, scaled, result)
 
 
