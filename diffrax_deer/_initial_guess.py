@@ -42,6 +42,7 @@ def coarse_grid_guess(
     atol: float,
     norm: Callable,
     max_iters: int,
+    damping: float | None = None,
     factor: int = COARSENING_FACTOR,
     min_intervals: int = MIN_COARSE_INTERVALS,
 ) -> tuple[Float[Array, "T D"], Int[Array, ""]]:
@@ -73,11 +74,13 @@ def coarse_grid_guess(
         atol=atol,
         norm=norm,
         max_iters=max_iters,
+        damping=damping,
         factor=factor,
         min_intervals=min_intervals,
     )
     ys, stats = newton_iterations(
-        coarse, guess, rtol=rtol, atol=atol, norm=norm, max_iters=max_iters
+        coarse, guess, rtol=rtol, atol=atol, norm=norm, max_iters=max_iters,
+        damping=damping,
     )
     ys_full = jnp.concatenate([coarse.y0[None], ys])
     interp = HermiteGridInterpolation(

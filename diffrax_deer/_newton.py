@@ -38,6 +38,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._lineax import TrajectoryJacobianSolver
 from ._batched import matvec
+from ._kalman import damped_recurrence
 from ._linear_recurrence import linear_recurrence
 
 
@@ -77,27 +78,38 @@ class NewtonStats(eqx.Module):
     - `update_norm`: size of the last update in units of the tolerance
       (`<= 1` means converged; it estimates the error of the previous iterate).
     - `result`: an `optimistix.RESULTS`.
+    - `num_rejected`: trust-region steps rejected (ELK only; 0 for DEER).
     """
 
     num_iters: Int[Array, ""]
     update_norm: Float[Array, ""]
     result: optx.RESULTS
+    num_rejected: Int[Array, ""]
 
 
 def _scaled_norm(diff, ys, rtol, atol, norm):
     return norm(diff / (atol + rtol * jnp.abs(ys)))
 
 
-def newton_iterations(
-    problem: AbstractTrajectoryProblem,
-    guess: Float[Array, "T D"],
-    *,
-    rtol: float,
-    atol: float,
-    norm: Callable,
-    max_iters: int,
-) -> tuple[Float[Array, "T D"], NewtonStats]:
-    """Runs the Newton iteration from `guess` (no autodiff; see `solve_trajectory`)."""
+def _previous(init, ys):
+    return jnp.concatenate([init[None], ys[:-1]])
+
+
+def _final_stats(num_iters, scaled, converged, finite, num_rejected, dtype):
+    result = optx.RESULTS.where(
+        converged,
+        optx.RESULTS.successful,
+        optx.RESULTS.where(
+            finite,
+            optx.RESULTS.nonlinear_max_steps_reached,
+            optx.RESULTS.nonlinear_divergence,
+        ),
+    )
+    scaled = jnp.where(converged, scaled, jnp.maximum(scaled, 1 + jnp.finfo(dtype).eps))
+    return NewtonStats(num_iters, scaled, result, num_rejected)
+
+
+def _newton_loop(problem, guess, rtol, atol, norm, max_iters):
     init = problem.init
 
     def cond(carry):
@@ -129,17 +141,96 @@ def newton_iterations(
         jnp.array(True),
     )
     num_iters, ys, scaled, converged, finite = lax.while_loop(cond, body, carry)
-    result = optx.RESULTS.where(
-        converged,
-        optx.RESULTS.successful,
-        optx.RESULTS.where(
-            finite,
-            optx.RESULTS.nonlinear_max_steps_reached,
-            optx.RESULTS.nonlinear_divergence,
-        ),
+    stats = _final_stats(
+        num_iters, scaled, converged, finite, jnp.array(0, jnp.int32), dtype
     )
-    scaled = jnp.where(converged, scaled, jnp.maximum(scaled, 1 + jnp.finfo(dtype).eps))
-    return ys, NewtonStats(num_iters, scaled, result)
+    return ys, stats
+
+
+_MIN_DAMPING = 1e-12
+_MAX_DAMPING = 1e12
+
+
+def _trust_region_loop(problem, guess, rtol, atol, norm, max_iters, damping):
+    """ELK: Levenberg--Marquardt steps (a parallel Kalman smoother, see `_kalman.py`)
+    with the damping adapted by the ratio of actual to predicted reduction of the
+    residual sum of squares. Converged when the undamped Newton step from the current
+    iterate is within tolerance; that Newton step is returned."""
+    init = problem.init
+    dtype = guess.dtype
+
+    def linearise(ys):
+        A, b = problem.linearise(ys)
+        r = ys - (matvec(A, _previous(init, ys)) + b)
+        return A, b, jnp.sum(r**2)
+
+    def cond(carry):
+        i, _, _, _, _, _, _, converged, stop, _ = carry
+        return (i < max_iters) & jnp.invert(converged | stop)
+
+    def body(carry):
+        i, ys, A, b, rsq, lam, _, _, _, num_rejected = carry
+        newton = linear_recurrence(A, b, init)
+        newton_scaled = _scaled_norm(newton - ys, newton, rtol, atol, norm)
+        converged = jnp.all(jnp.isfinite(newton)) & (newton_scaled <= 1)
+        step = damped_recurrence(A, b, init, ys, lam)
+        # Predicted reduction: of the linear model's residual sum of squares.
+        r_lin = step - (matvec(A, _previous(init, step)) + b)
+        predicted = rsq - jnp.sum(r_lin**2)
+        A1, b1, rsq1 = linearise(step)
+        actual = rsq - rsq1
+        ok = jnp.isfinite(rsq1) & jnp.all(jnp.isfinite(step))
+        ratio = jnp.where(ok & (predicted > 0), actual / predicted, -jnp.inf)
+        accept = ok & (ratio > 1e-4) & jnp.invert(converged)
+        lam = jnp.where(ratio < 0.25, 4 * lam, jnp.where(ratio > 0.75, lam / 3, lam))
+        lam = jnp.clip(lam, _MIN_DAMPING, _MAX_DAMPING)
+        # Cannot make progress: damped to the limit and still rejected.
+        stop = jnp.invert(accept | converged) & (lam >= _MAX_DAMPING)
+        keep = lambda new, old: jnp.where(accept, new, old)
+        ys_next = jnp.where(converged, newton, keep(step, ys))
+        scaled = jnp.where(converged, newton_scaled, jnp.inf)
+        num_rejected = num_rejected + jnp.invert(accept | converged).astype(jnp.int32)
+        return (
+            i + 1, ys_next, keep(A1, A), keep(b1, b), keep(rsq1, rsq), lam, scaled,
+            converged, stop, num_rejected,
+        )
+
+    A0, b0, rsq0 = linearise(guess)
+    carry = (
+        jnp.array(0, jnp.int32),
+        guess,
+        A0,
+        b0,
+        rsq0,
+        jnp.asarray(damping, dtype),
+        jnp.array(jnp.inf, dtype),
+        jnp.array(False),
+        jnp.array(False),
+        jnp.array(0, jnp.int32),
+    )
+    out = lax.while_loop(cond, body, carry)
+    num_iters, ys, _, _, rsq, _, scaled, converged, stop, num_rejected = out
+    finite = jnp.isfinite(rsq) & jnp.invert(stop)
+    stats = _final_stats(num_iters, scaled, converged, finite, num_rejected, dtype)
+    return ys, stats
+
+
+def newton_iterations(
+    problem: AbstractTrajectoryProblem,
+    guess: Float[Array, "T D"],
+    *,
+    rtol: float,
+    atol: float,
+    norm: Callable,
+    max_iters: int,
+    damping: float | None = None,
+) -> tuple[Float[Array, "T D"], NewtonStats]:
+    """Runs the iteration from `guess` (no autodiff; see `solve_trajectory`):
+    undamped Newton (DEER / quasi-DEER) when `damping` is None, else trust-region
+    Levenberg--Marquardt steps (ELK / quasi-ELK) starting from that damping."""
+    if damping is None:
+        return _newton_loop(problem, guess, rtol, atol, norm, max_iters)
+    return _trust_region_loop(problem, guess, rtol, atol, norm, max_iters, damping)
 
 
 def _residual_fn(ys, problem):
@@ -147,18 +238,20 @@ def _residual_fn(ys, problem):
 
 
 @eqx.filter_custom_jvp
-def _solve(problem, guess, *, rtol, atol, norm, max_iters):
+def _solve(problem, guess, *, rtol, atol, norm, max_iters, damping):
     return newton_iterations(
-        problem, guess, rtol=rtol, atol=atol, norm=norm, max_iters=max_iters
+        problem, guess, rtol=rtol, atol=atol, norm=norm, max_iters=max_iters,
+        damping=damping,
     )
 
 
 @_solve.def_jvp
-def _solve_jvp(primals, tangents, *, rtol, atol, norm, max_iters):
+def _solve_jvp(primals, tangents, *, rtol, atol, norm, max_iters, damping):
     problem, guess = primals
     t_problem, _ = tangents
     ys, stats = _solve(
-        problem, guess, rtol=rtol, atol=atol, norm=norm, max_iters=max_iters
+        problem, guess, rtol=rtol, atol=atol, norm=norm, max_iters=max_iters,
+        damping=damping,
     )
     # dr/dtheta . dtheta at the solution ...
     _, t_residual = eqx.filter_jvp(
@@ -187,12 +280,17 @@ def solve_trajectory(
     atol: float,
     norm: Callable = optx.max_norm,
     max_iters: int = 100,
+    damping: float | None = None,
 ) -> tuple[Float[Array, "T D"], NewtonStats]:
-    """Solves for the trajectory of `problem` by parallel Newton iterations from `guess`,
-    differentiable (forward and reverse mode) with respect to every array in `problem`
-    by the implicit function theorem. `guess` is not differentiated."""
+    """Solves for the trajectory of `problem` by parallel Newton iterations from `guess`
+    (trust-region ELK iterations if `damping` is given), differentiable (forward and
+    reverse mode) with respect to every array in `problem` by the implicit function
+    theorem. `guess` is not differentiated."""
     guess = lax.stop_gradient(guess)
-    return _solve(problem, guess, rtol=rtol, atol=atol, norm=norm, max_iters=max_iters)
+    return _solve(
+        problem, guess, rtol=rtol, atol=atol, norm=norm, max_iters=max_iters,
+        damping=damping,
+    )
 
 
 def is_successful(stats: NewtonStats) -> Bool[Array, ""]:

@@ -21,6 +21,15 @@ from ._misc import default_tolerance, TreeFlattener
 from ._newton import solve_trajectory
 
 
+# method -> (Jacobian structure, trust-region damping?)
+_METHODS = {
+    "deer": ("dense", False),
+    "quasi-deer": ("diagonal", False),
+    "elk": ("dense", True),
+    "quasi-elk": ("diagonal", True),
+}
+
+
 class DEERState(eqx.Module):
     """Diagnostics carried between windows; read them with
     `diffeqsolve(..., saveat=diffrax.SaveAt(..., solver_state=True))` as
@@ -112,7 +121,10 @@ class DEER(diffrax.AbstractSolver):
     atol: float | None = eqx.field(static=True, default=None)
     max_iters: int = eqx.field(static=True, default=100)
     norm: Callable[[PyTree], Array] = eqx.field(static=True, default=optx.max_norm)
-    jacobian: Literal["dense", "diagonal"] = eqx.field(static=True, default="dense")
+    method: Literal["deer", "quasi-deer", "elk", "quasi-elk"] = eqx.field(
+        static=True, default="deer"
+    )
+    initial_damping: float = eqx.field(static=True, default=1.0)
     initial_guess: Literal["coarse", "constant"] = eqx.field(static=True, default="coarse")
 
     term_structure: ClassVar = AbstractTerm
@@ -126,10 +138,13 @@ class DEER(diffrax.AbstractSolver):
             )
         if self.max_iters < 1:
             raise ValueError(f"`max_iters` must be >= 1; got {self.max_iters}.")
-        if self.jacobian not in ("dense", "diagonal"):
+        if self.method not in _METHODS:
             raise ValueError(
-                f"`jacobian` must be 'dense' (DEER) or 'diagonal' (quasi-DEER); got "
-                f"{self.jacobian!r}."
+                f"`method` must be one of {list(_METHODS)}; got {self.method!r}."
+            )
+        if not self.initial_damping > 0:
+            raise ValueError(
+                f"`initial_damping` must be positive; got {self.initial_damping}."
             )
         if self.initial_guess not in ("coarse", "constant"):
             raise ValueError(
@@ -174,11 +189,13 @@ class DEER(diffrax.AbstractSolver):
             y0=y0_flat,
             flattener=flattener,
             num_points=self.num_points,
-            jacobian=self.jacobian,
+            jacobian=_METHODS[self.method][0],
         )
+        damping = self.initial_damping if _METHODS[self.method][1] else None
         if self.initial_guess == "coarse":
             guess, coarse_iters = coarse_grid_guess(
-                problem, rtol=rtol, atol=atol, norm=self.norm, max_iters=self.max_iters
+                problem, rtol=rtol, atol=atol, norm=self.norm, max_iters=self.max_iters,
+                damping=damping,
             )
         else:
             guess, coarse_iters = constant_guess(problem), jnp.array(0, jnp.int32)
@@ -189,6 +206,7 @@ class DEER(diffrax.AbstractSolver):
             atol=atol,
             norm=self.norm,
             max_iters=self.max_iters,
+            damping=damping,
         )
         ys_full = jnp.concatenate([y0_flat[None], ys])
         fs = problem.increments(ys_full)
@@ -225,9 +243,16 @@ DEER.__init__.__doc__ = r"""**Arguments:**
     `RESULTS.nonlinear_max_steps_reached` (or `nonlinear_divergence` if its iterates
     became non-finite); with `diffeqsolve(..., throw=True)` (the default) that raises.
 - `norm`: norm over the scaled update, as in optimistix. Default `optimistix.max_norm`.
-- `jacobian`: `"dense"` (DEER, full Jacobians) or `"diagonal"` (quasi-DEER: only the
-    diagonal of the Jacobian, $O(TD)$ memory and elementwise exponentials; converges to
-    the exponential scheme with a diagonal linear part, also 2nd order).
+- `method`: how each Newton iteration linearises and steps.
+    `"deer"` (default): full Jacobians, undamped Newton (DEER).
+    `"quasi-deer"`: only the diagonal of the Jacobian: $O(TD)$ memory and elementwise
+    exponentials; converges to the exponential scheme with a diagonal linear part
+    (also 2nd order).
+    `"elk"` / `"quasi-elk"`: the same linearisations with trust-region
+    Levenberg--Marquardt steps computed by a parallel Kalman smoother (ELK); slower
+    per iteration, more robust on dynamics that are not contractive.
+- `initial_damping`: starting Levenberg--Marquardt damping for the ELK methods,
+    adapted every iteration by the ratio of actual to predicted residual reduction.
 - `initial_guess`: how each window's Newton iteration starts. `"coarse"` (default):
     solve the window on a grid 8x coarser (recursively, down to 32 intervals) and
     interpolate; the fine grid then usually needs 2-3 iterations. `"constant"`: the

@@ -23,10 +23,10 @@ def _vector_field(t, y, mlp):
     return mlp(y) - 0.3 * y + 0.1 * jnp.sin(t)
 
 
-def _loss(mlp, y0, t0, t1, *, adjoint, jacobian="dense"):
+def _loss(mlp, y0, t0, t1, *, adjoint, method="deer"):
     # Two windows, values read off dense interpolation inside them and at t1.
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(_vector_field), DEER(num_points=41, jacobian=jacobian, rtol=1e-11, atol=1e-11),
+        diffrax.ODETerm(_vector_field), DEER(num_points=41, method=method, rtol=1e-11, atol=1e-11),
         t0, t1, (t1 - t0) / 2, y0, args=mlp,
         saveat=diffrax.SaveAt(ts=_TS, t1=True), adjoint=adjoint,
     )
@@ -44,10 +44,10 @@ def _directions():
 
 
 @ft.cache
-def _finite_difference(jacobian):
+def _finite_difference(method):
     """Directional derivative of the loss along each input separately."""
     v_params, v_y0, v_t0, v_t1 = _directions()
-    loss = eqx.filter_jit(ft.partial(_loss, adjoint=diffrax.RecursiveCheckpointAdjoint(), jacobian=jacobian))
+    loss = eqx.filter_jit(ft.partial(_loss, adjoint=diffrax.RecursiveCheckpointAdjoint(), method=method))
     eps = 1e-5
 
     def central(f):
@@ -64,14 +64,14 @@ def _finite_difference(jacobian):
     )
 
 
-def _reverse(adjoint, jacobian):
+def _reverse(adjoint, method):
     v_params, v_y0, v_t0, v_t1 = _directions()
 
     @eqx.filter_jit
     @eqx.filter_grad
     def grads(inputs):
         mlp, y0, t0, t1 = inputs
-        return _loss(mlp, y0, t0, t1, adjoint=adjoint, jacobian=jacobian)
+        return _loss(mlp, y0, t0, t1, adjoint=adjoint, method=method)
 
     g_mlp, g_y0, g_t0, g_t1 = grads((_MLP, _Y0, jnp.asarray(_T0), jnp.asarray(_T1)))
     dot = sum(
@@ -84,13 +84,13 @@ def _reverse(adjoint, jacobian):
     return dot, jnp.dot(g_y0, v_y0), g_t0 * v_t0, g_t1 * v_t1
 
 
-def _forward(adjoint, jacobian):
+def _forward(adjoint, method):
     v_params, v_y0, v_t0, v_t1 = _directions()
     params, static = eqx.partition(_MLP, eqx.is_inexact_array)
 
     @jax.jit
     def jvp(tp, ty0, tt0, tt1):
-        f = lambda p, y0, t0, t1: _loss(eqx.combine(p, static), y0, t0, t1, adjoint=adjoint, jacobian=jacobian)
+        f = lambda p, y0, t0, t1: _loss(eqx.combine(p, static), y0, t0, t1, adjoint=adjoint, method=method)
         return jax.jvp(f, (params, _Y0, _T0, _T1), (tp, ty0, tt0, tt1))[1]
 
     zp = jax.tree_util.tree_map(jnp.zeros_like, v_params)
@@ -114,8 +114,8 @@ def _forward(adjoint, jacobian):
     ids=["grad-checkpoint", "grad-direct", "jvp-direct", "jvp-forwardmode"],
 )
 def test_gradients_match_finite_differences(mode, adjoint):
-    fd = _finite_difference("dense")
-    got = (_reverse if mode == "reverse" else _forward)(adjoint, "dense")
+    fd = _finite_difference("deer")
+    got = (_reverse if mode == "reverse" else _forward)(adjoint, "deer")
     for name, a, b in zip(["args", "y0", "t0", "t1"], got, fd):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8, err_msg=name)
 
@@ -124,8 +124,8 @@ def test_quasi_deer_gradients_exact():
     # The diagonal (quasi-DEER) scheme has its own discrete solution; its gradients are
     # exact too (the backward solve refines the diagonal preconditioner with exact
     # Jacobian-vector products).
-    fd = _finite_difference("diagonal")
-    got = _reverse(diffrax.RecursiveCheckpointAdjoint(), "diagonal")
+    fd = _finite_difference("quasi-deer")
+    got = _reverse(diffrax.RecursiveCheckpointAdjoint(), "quasi-deer")
     for name, a, b in zip(["args", "y0", "t0", "t1"], got, fd):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8, err_msg=name)
 

@@ -177,7 +177,7 @@ def test_diagonal_jacobian_quasi_deer():
     vf, y0, args, t0, t1 = PROBLEMS["cubic_decay"]
     ts = jnp.linspace(t0, t1, 11)
     sol = _solve(
-        vf, y0, args, t0, t1, DEER(num_points=2001, jacobian="diagonal"),
+        vf, y0, args, t0, t1, DEER(num_points=2001, method="quasi-deer"),
         diffrax.SaveAt(ts=ts, solver_state=True),
     )
     ref = reference_solution(vf, y0, args, t0, t1, ts)
@@ -245,8 +245,8 @@ def test_nonfinite_y0_raises():
 def test_bad_configuration_errors():
     with pytest.raises(ValueError, match="num_points"):
         DEER(num_points=1)
-    with pytest.raises(ValueError, match="jacobian"):
-        DEER(jacobian="full")
+    with pytest.raises(ValueError, match="method"):
+        DEER(method="full")
     with pytest.raises(ValueError, match="rtol"):
         DEER(rtol=-1.0)
     with pytest.raises(ValueError, match="max_iters"):
