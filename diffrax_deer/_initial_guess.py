@@ -19,7 +19,7 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from ._discretisation import ExponentialScheme
 from ._interpolation import HermiteGridInterpolation
@@ -28,6 +28,14 @@ from ._newton import is_successful, newton_iterations
 
 COARSENING_FACTOR = 8
 MIN_COARSE_INTERVALS = 32
+
+
+def coarse_intervals(
+    num_points: int, factor: int = COARSENING_FACTOR, min_intervals: int = MIN_COARSE_INTERVALS
+) -> int | None:
+    """Intervals of the first coarse grid, or None if the window is too short."""
+    n = (num_points - 1) // factor
+    return n if n >= min_intervals else None
 
 
 def constant_guess(problem: ExponentialScheme) -> Float[Array, "T D"]:
@@ -45,16 +53,17 @@ def coarse_grid_guess(
     damping: float | None = None,
     factor: int = COARSENING_FACTOR,
     min_intervals: int = MIN_COARSE_INTERVALS,
-) -> tuple[Float[Array, "T D"], Int[Array, ""]]:
-    """Initial guess from recursively solving the window on coarser grids, and the
-    number of Newton iterations spent on all coarse levels.
+) -> tuple[Float[Array, "T D"], Int[Array, ""], Bool[Array, ""]]:
+    """Initial guess from recursively solving the window on coarser grids, the number
+    of Newton iterations spent on all coarse levels, and whether the first coarse level
+    converged (then the guess *is* the coarse solution, interpolated).
 
-    Falls back to `constant_guess` when the window is too short to coarsen, or when a
-    coarse solve fails (no convergence, or non-finite values)."""
-    intervals = problem.num_points - 1
-    coarse_intervals = intervals // factor
-    if coarse_intervals < min_intervals:
-        return constant_guess(problem), jnp.array(0, jnp.int32)
+    Falls back to `constant_guess` when the window is too short to coarsen (see
+    `coarse_intervals`), or when a coarse solve fails (no convergence, or non-finite
+    values)."""
+    n_coarse = coarse_intervals(problem.num_points, factor, min_intervals)
+    if n_coarse is None:
+        return constant_guess(problem), jnp.array(0, jnp.int32), jnp.array(False)
     # The guess is never differentiated: keep autodiff out of the coarse solves.
     dynamic, static = eqx.partition(problem, eqx.is_inexact_array)
     problem = eqx.combine(lax.stop_gradient(dynamic), static)
@@ -65,10 +74,10 @@ def coarse_grid_guess(
         t1=problem.t1,
         y0=problem.y0,
         flattener=problem.flattener,
-        num_points=coarse_intervals + 1,
+        num_points=n_coarse + 1,
         jacobian=problem.jacobian,
     )
-    guess, coarser_iters = coarse_grid_guess(
+    guess, coarser_iters, _ = coarse_grid_guess(
         coarse,
         rtol=rtol,
         atol=atol,
@@ -93,4 +102,4 @@ def coarse_grid_guess(
     fine = jax.vmap(interp.evaluate)(problem.ts[1:])
     ok = is_successful(stats) & jnp.all(jnp.isfinite(fine))
     guess = jnp.where(ok, fine, constant_guess(problem))
-    return guess, coarser_iters + stats.num_iters
+    return guess, coarser_iters + stats.num_iters, ok

@@ -15,10 +15,10 @@ from jaxtyping import Array, Float, Int, PyTree
 from diffrax._term import AdjointTerm, WrapTerm
 
 from ._discretisation import ExponentialScheme
-from ._initial_guess import coarse_grid_guess, constant_guess
+from ._initial_guess import coarse_grid_guess, coarse_intervals, constant_guess
 from ._interpolation import HermiteGridInterpolation
 from ._misc import default_tolerance, TreeFlattener
-from ._newton import solve_trajectory
+from ._newton import is_successful, solve_trajectory
 
 
 # method -> (Jacobian structure, trust-region damping?)
@@ -159,6 +159,12 @@ class DEER(diffrax.AbstractSolver):
     def order(self, terms) -> int:
         return 2
 
+    def error_order(self, terms) -> int:
+        # The window's error estimate (see `step`) scales like dt^3 for a window of
+        # length dt with a fixed number of points: (num_points - 1) local errors of
+        # order (dt / (num_points - 1))^3.
+        return 3
+
     def init(self, terms, t0, t1, y0, args) -> DEERState:
         _ode_term(terms)
         flattener = TreeFlattener(y0)
@@ -193,7 +199,7 @@ class DEER(diffrax.AbstractSolver):
         )
         damping = self.initial_damping if _METHODS[self.method][1] else None
         if self.initial_guess == "coarse":
-            guess, coarse_iters = coarse_grid_guess(
+            guess, coarse_iters, coarse_ok = coarse_grid_guess(
                 problem, rtol=rtol, atol=atol, norm=self.norm, max_iters=self.max_iters,
                 damping=damping,
             )
@@ -216,6 +222,17 @@ class DEER(diffrax.AbstractSolver):
             fs=flattener.unravel_stacked(fs),
         )
         y1 = flattener.unravel(ys[-1])
+        y_error = None
+        n_coarse = coarse_intervals(self.num_points)
+        if self.initial_guess == "coarse" and n_coarse is not None:
+            # Richardson: the scheme is 2nd order, so the fine end state's error is
+            # about (fine - coarse) / (r^2 - 1) for the spacing ratio r. A window whose
+            # Newton iteration failed (or whose coarse solve failed) gets an infinite
+            # error, so that an adaptive controller rejects it and retries it shorter.
+            ratio = (self.num_points - 1) / n_coarse
+            error = (ys[-1] - guess[-1]) / (ratio**2 - 1)
+            valid = coarse_ok & is_successful(stats)
+            y_error = flattener.unravel(jnp.where(valid, error, jnp.inf))
         iters = stats.num_iters
         state = DEERState(
             num_windows=solver_state.num_windows + 1,
@@ -226,7 +243,7 @@ class DEER(diffrax.AbstractSolver):
             total_coarse_iters=solver_state.total_coarse_iters + coarse_iters,
         )
         result = RESULTS.promote(stats.result)
-        return y1, None, dense_info, state, result
+        return y1, y_error, dense_info, state, result
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
