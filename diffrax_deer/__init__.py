@@ -12,6 +12,7 @@ from ._linear_recurrence import (
     sequential_linear_recurrence as sequential_linear_recurrence,
 )
 from ._newton import NewtonStats as NewtonStats
+from ._scan import scan as scan
 from ._solver import DEER as DEER, DEERState as DEERState
 
 
