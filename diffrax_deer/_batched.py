@@ -38,3 +38,28 @@ def matvec(A: Array, x: Array) -> Array:
     if A.ndim == x.ndim:
         return A * x
     return jnp.einsum("...ij,...j->...i", A, x, precision=_HIGHEST)
+
+
+def solve(M: Array, B: Array) -> Array:
+    """`M^{-1} B` over leading batch axes, for square `(..., n, n)` `M` and `(..., n, m)`
+    `B`: Gauss--Jordan elimination with partial pivoting written in plain array
+    operations. For the small matrices used here this is fused by XLA, and it avoids
+    LAPACK custom calls inside scans (which hung XLA's CPU runtime in jax 0.10)."""
+    n = M.shape[-1]
+    aug = jnp.concatenate([M, B], axis=-1)
+    rows = jnp.broadcast_to(jnp.arange(n), aug.shape[:-1])  # (..., n)
+
+    def eliminate(k, aug):
+        column = jnp.abs(jnp.take(aug, k, axis=-1))  # (..., n)
+        column = jnp.where(rows >= k, column, -1.0)
+        p = jnp.argmax(column, axis=-1)[..., None]  # pivot row, (..., 1)
+        perm = jnp.where(rows == k, p, jnp.where(rows == p, k, rows))
+        aug = jnp.take_along_axis(aug, perm[..., None], axis=-2)
+        pivot_row = jnp.take(aug, k, axis=-2)  # (..., n + m)
+        pivot_row = pivot_row / jnp.take(pivot_row, k, axis=-1)[..., None]
+        factors = jnp.take(aug, k, axis=-1)  # (..., n)
+        aug = aug - factors[..., :, None] * pivot_row[..., None, :]
+        return jnp.where((rows == k)[..., None], pivot_row[..., None, :], aug)
+
+    aug = lax.fori_loop(0, n, eliminate, aug)
+    return aug[..., n:]

@@ -59,6 +59,7 @@ class ExponentialScheme(AbstractTrajectoryProblem):
     num_points: int = eqx.field(static=True)
     jacobian: Literal["dense", "diagonal"] = eqx.field(static=True)
     exact_jacobian: ClassVar[bool] = False
+    explicit_recurrence: ClassVar[bool] = False
 
     @property
     def init(self) -> Float[Array, " D"]:

@@ -36,16 +36,14 @@ def value_and_jacobian(
     if structure != "diagonal":
         raise ValueError(f"Unknown Jacobian structure {structure!r}.")
     batched = jax.vmap(fn)
-    values = batched(points, ys)
+    # Evaluate (and linearise) once; then one cheap linear map per basis direction.
+    values, linear = jax.linearize(lambda y: batched(points, y), ys)
     if D == 1:
-        _, diag = jax.jvp(lambda y: batched(points, y), (ys,), (jnp.ones_like(ys),))
-        return values, diag
+        return values, linear(jnp.ones_like(ys))
 
     # One basis direction at a time, at every point at once: O(T D) memory.
     def column(j, diag):
-        v = jnp.broadcast_to(eye[j], ys.shape)
-        _, out = jax.jvp(lambda y: batched(points, y), (ys,), (v,))
+        out = linear(jnp.broadcast_to(eye[j], ys.shape))
         return diag.at[:, j].set(out[:, j])
 
-    diag = lax.fori_loop(0, D, column, jnp.zeros_like(ys))
-    return values, diag
+    return values, lax.fori_loop(0, D, column, jnp.zeros_like(ys))

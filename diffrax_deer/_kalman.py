@@ -29,69 +29,76 @@ Steps 2 and 3 are [`diffrax_deer.linear_recurrence`][] calls. With diagonal $A_k
 (quasi-ELK) every matrix is diagonal and everything is elementwise, $O(TD)$.
 """
 
-import jax.lax as lax
+import functools as ft
+
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._batched import matmul, matvec
-from ._linear_recurrence import linear_recurrence
+from ._batched import matmul, matvec, solve
+from ._linear_recurrence import associative_scan, linear_recurrence
 
 
-def _transpose(M):
-    return M if M.ndim == 2 else jnp.swapaxes(M, -1, -2)
+def _transpose(M, diagonal):
+    return M if diagonal else jnp.swapaxes(M, -1, -2)
 
 
-def _solve(M, B):
+def _solve(M, B, diagonal):
     """`M^{-1} B`, batched; elementwise for diagonal `M`."""
-    if M.ndim == 2:
-        return B / M
-    return jnp.linalg.solve(M, B)
+    return B / M if diagonal else solve(M, B)
 
 
-def _eye_like(M):
-    if M.ndim == 2:
+def _mul(A, B, diagonal):
+    return A * B if diagonal else matmul(A, B)
+
+
+def _eye_like(M, diagonal):
+    if diagonal:
         return jnp.ones_like(M)
     return jnp.broadcast_to(jnp.eye(M.shape[-1], dtype=M.dtype), M.shape)
 
 
-def _riccati_combine(earlier, later):
-    """Covariance part (A, C, J) of the parallel Kalman filter's associative operator."""
+def _riccati_combine(earlier, later, *, diagonal):
+    """Covariance part (A, C, J) of the parallel Kalman filter's associative operator
+    (Särkkä & García-Fernández, 2021):
+
+    A = A_j (I + C_i J_j)^{-1} A_i,
+    C = A_j (I + C_i J_j)^{-1} C_i A_j^T + C_j,
+    J = A_i^T (I + J_j C_i)^{-1} J_j A_i + J_i.
+    """
     A_i, C_i, J_i = earlier
     A_j, C_j, J_j = later
-    eye = _eye_like(A_i)
-    # (I + C_i J_j)^{-1} and (I + J_j C_i)^{-1} = its transpose for symmetric C, J.
-    M = eye + (C_i * J_j if A_i.ndim == 2 else matmul(C_i, J_j))
-    A_jM = _transpose(_solve(_transpose(M), _transpose(A_j)))  # A_j M^{-1}
-    if A_i.ndim == 2:
-        A = A_jM * A_i
-        C = A_jM * C_i * A_j + C_j
-        J = A_i * _solve(M, J_j) * A_i + J_i  # M^T = M elementwise
-        return A, C, J
-    A = matmul(A_jM, A_i)
-    C = matmul(matmul(A_jM, C_i), _transpose(A_j)) + C_j
-    MtJ = _solve(_transpose(M), J_j)  # (I + J_j C_i)^{-1} J_j
-    J = matmul(matmul(_transpose(A_i), MtJ), A_i) + J_i
-    # Symmetrise against round-off.
-    C = (C + _transpose(C)) / 2
-    J = (J + _transpose(J)) / 2
+    T = ft.partial(_transpose, diagonal=diagonal)
+    mul = ft.partial(_mul, diagonal=diagonal)
+    M = _eye_like(A_i, diagonal) + mul(C_i, J_j)
+    A_jM = T(_solve(T(M), T(A_j), diagonal))  # A_j M^{-1}
+    A = mul(A_jM, A_i)
+    C = mul(mul(A_jM, C_i), T(A_j)) + C_j
+    # (I + J_j C_i)^{-1} J_j = M^{-T} J_j for symmetric C and J.
+    J = mul(mul(T(A_i), _solve(T(M), J_j, diagonal)), A_i) + J_i
+    if not diagonal:  # symmetrise against round-off
+        C = (C + T(C)) / 2
+        J = (J + T(J)) / 2
     return A, C, J
 
 
 def filtered_covariances(
-    A: Float[Array, "T D D"] | Float[Array, "T D"], obs_variance: Float[Array, ""]
+    A: Float[Array, "T D D"] | Float[Array, "T D"],
+    obs_variance: Float[Array, ""],
+    diagonal: bool,
 ) -> Float[Array, "T D D"] | Float[Array, "T D"]:
     r"""Filtering covariances $P_1..P_T$ of the model above (unit process noise,
     observation noise `obs_variance` $= \lambda^{-1}$, exactly known $s_0$)."""
-    eye = _eye_like(A)
+    eye = _eye_like(A, diagonal)
     kappa = 1 / (1 + obs_variance)  # Kalman gain for prior covariance I
     # Särkkä & García-Fernández (2021), eqs. (10)-(14) with H = I, Q = I, R = var I.
     A_e = (1 - kappa) * A
     C_e = (1 - kappa) * eye
-    J_e = kappa * (A * A if A.ndim == 2 else matmul(_transpose(A), A))
+    J_e = kappa * _mul(_transpose(A, diagonal), A, diagonal)
     # First element: s_0 is known, so no transition and no backward information.
     A_e = A_e.at[0].set(jnp.zeros_like(A_e[0]))
     J_e = J_e.at[0].set(jnp.zeros_like(J_e[0]))
-    _, P, _ = lax.associative_scan(_riccati_combine, (A_e, C_e, J_e))
+    combine = ft.partial(_riccati_combine, diagonal=diagonal)
+    _, P, _ = associative_scan(combine, (A_e, C_e, J_e))
     return P
 
 
@@ -112,31 +119,27 @@ def damped_recurrence(
     - `observations`: $o_k$, the current iterate, `(T, D)`.
     - `damping`: $\lambda > 0$.
     """
+    diagonal = A.ndim == b.ndim
+    T = ft.partial(_transpose, diagonal=diagonal)
+    mul = ft.partial(_mul, diagonal=diagonal)
     obs_variance = 1 / damping
-    eye = _eye_like(A)
-    P = filtered_covariances(A, obs_variance)
+    eye = _eye_like(A, diagonal)
+    P = filtered_covariances(A, obs_variance, diagonal)
     # Predicted covariances P^-_k = A_k P_{k-1} A_k^T + I, with P_0 = 0.
     P_prev = jnp.concatenate([jnp.zeros_like(P[:1]), P[:-1]])
-    if A.ndim == 2:
-        P_pred = A * P_prev * A + 1
-        K = P_pred / (P_pred + obs_variance)
-    else:
-        P_pred = matmul(matmul(A, P_prev), _transpose(A)) + eye
-        # K = P^- (P^- + var I)^{-1} = ((P^- + var I)^{-1} P^-)^T by symmetry.
-        K = _transpose(_solve(P_pred + obs_variance * eye, P_pred))
+    P_pred = mul(mul(A, P_prev), T(A)) + eye
+    # K = P^- (P^- + var I)^{-1} = ((P^- + var I)^{-1} P^-)^T by symmetry.
+    K = T(_solve(P_pred + obs_variance * eye, P_pred, diagonal))
     # Filtered means: m_k = (I - K_k)(A_k m_{k-1} + b_k) + K_k o_k.
     IK = eye - K
-    transition = IK * A if A.ndim == 2 else matmul(IK, A)
+    transition = mul(IK, A)
     offset = matvec(IK, b) + matvec(K, observations)
     m = linear_recurrence(transition, offset, x0)
     # Smoothed means, backwards: m^s_k = E_k m^s_{k+1} + (m_k - E_k (A_{k+1} m_k + b_{k+1})).
     A_next = A[1:]
     b_next = b[1:]
-    if A.ndim == 2:
-        E = P[:-1] * A_next / P_pred[1:]
-    else:
-        # E_k = P_k A_{k+1}^T (P^-_{k+1})^{-1} = ((P^-_{k+1})^{-1} A_{k+1} P_k)^T.
-        E = _transpose(_solve(P_pred[1:], matmul(A_next, P[:-1])))
+    # E_k = P_k A_{k+1}^T (P^-_{k+1})^{-1} = ((P^-_{k+1})^{-1} A_{k+1} P_k)^T.
+    E = T(_solve(P_pred[1:], mul(A_next, P[:-1]), diagonal))
     g = m[:-1] - matvec(E, matvec(A_next, m[:-1]) + b_next)
     # Reverse recurrence m^s_k = E_k m^s_{k+1} + g_k, m^s_T = m_T: reverse the arrays
     # and solve it as a forward one.

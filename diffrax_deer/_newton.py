@@ -63,6 +63,11 @@ class AbstractTrajectoryProblem(eqx.Module):
     # Whether `linearise` gives the exact Jacobian of `residual` (true for DEER on a
     # recurrence); then implicit differentiation needs one scan and nothing more.
     exact_jacobian: eqx.AbstractVar[bool]
+    # Whether Phi_k depends on y_{k-1} only (an explicit recurrence, as opposed to an
+    # implicit scheme whose Phi_k also depends on y_k). Then after i iterations the
+    # first i states are exact whatever the transitions A_k (Gonzalez et al., 2024,
+    # Prop. 1), so T iterations always reach the solution.
+    explicit_recurrence: eqx.AbstractVar[bool]
 
     def residual(self, ys: Float[Array, "T D"]) -> Float[Array, "T D"]:
         """$r_k = y_k - \\Phi_k(y)$. The default reads $\\Phi$ off the linearisation."""
@@ -109,6 +114,15 @@ def _final_stats(num_iters, scaled, converged, finite, num_rejected, dtype):
     return NewtonStats(num_iters, scaled, result, num_rejected)
 
 
+def _exact_by_length(problem, num_iters, guess, finite):
+    """For an explicit recurrence, `T` iterations (with a finite last iterate) have found
+    the solution even if the last update was not below tolerance: chaotic maps amplify
+    round-off in the last states so much that the update never settles."""
+    if not problem.explicit_recurrence:
+        return jnp.array(False)
+    return finite & (num_iters >= guess.shape[0])
+
+
 def _newton_loop(problem, guess, rtol, atol, norm, max_iters):
     init = problem.init
 
@@ -141,6 +155,7 @@ def _newton_loop(problem, guess, rtol, atol, norm, max_iters):
         jnp.array(True),
     )
     num_iters, ys, scaled, converged, finite = lax.while_loop(cond, body, carry)
+    converged = converged | _exact_by_length(problem, num_iters, guess, finite)
     stats = _final_stats(
         num_iters, scaled, converged, finite, jnp.array(0, jnp.int32), dtype
     )
@@ -265,7 +280,8 @@ def _solve_jvp(primals, tangents, *, rtol, atol, norm, max_iters, damping):
         lax.stop_gradient(transitions),
         exact=problem.exact_jacobian,
         rtol=lin_rtol,
-        max_steps=max(max_iters, 16),
+        # Diagonal transitions of an explicit recurrence need at most T refinements.
+        max_steps=max(max_iters, ys.shape[0] + 1),
     )
     t_ys = lx.linear_solve(operator, -t_residual, solver).value
     t_stats = jtu.tree_map(lambda _: None, stats)

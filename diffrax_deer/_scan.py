@@ -30,7 +30,7 @@ tolerance and cost memory independent of the number of iterations.
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import equinox as eqx
 import jax
@@ -46,8 +46,8 @@ from ._misc import default_tolerance, TreeFlattener
 from ._newton import AbstractTrajectoryProblem, NewtonStats, solve_trajectory
 
 
-Method = Literal["auto", "deer", "quasi-deer", "sequential"]
-_METHODS = ("auto", "deer", "quasi-deer", "sequential")
+Method = Literal["auto", "deer", "quasi-deer", "elk", "quasi-elk", "sequential"]
+_METHODS = ("auto", "deer", "quasi-deer", "elk", "quasi-elk", "sequential")
 
 # `method="auto"` uses DEER while its dense Jacobians, T * D^2 numbers per sequence,
 # stay below this (128 MiB in float64; a few times that at peak), else quasi-DEER.
@@ -85,6 +85,7 @@ class _ScanProblem(AbstractTrajectoryProblem):
     carry0: Float[Array, " D"]
     structure: Literal["dense", "diagonal"] = eqx.field(static=True)
     exact_jacobian: bool = eqx.field(static=True)
+    explicit_recurrence: ClassVar[bool] = True
 
     @property
     def init(self) -> Float[Array, " D"]:
@@ -121,19 +122,6 @@ def _trivial_stats(dtype) -> NewtonStats:
     )
 
 
-def _exact_after_T(stats: NewtonStats, T: int) -> NewtonStats:
-    """A Newton iteration that ran `T` iterations without converging by its update
-    criterion has nonetheless found the carries: after `i` iterations the first `i`
-    carries are exact (each is `F` of an exact predecessor; resetting later non-finite
-    states does not change that; Gonzalez et al. 2024, Prop. 1), to round-off. Only the
-    confirming iteration is missing, so we call it a success, unless the last iterate
-    was non-finite (then the true carries overflow)."""
-    ran_out = stats.result == optx.RESULTS.nonlinear_max_steps_reached
-    exact = ran_out & (stats.num_iters >= T)
-    result = optx.RESULTS.where(exact, optx.RESULTS.successful, stats.result)
-    return eqx.tree_at(lambda s: s.result, stats, result)
-
-
 def _flip(tree: PyTree) -> PyTree:
     return jtu.tree_map(lambda x: jnp.flip(x, axis=0), tree)
 
@@ -146,10 +134,10 @@ def _check_args(method, rtol, atol, max_iters, jacobian_diagonal):
     for name, value in (("rtol", rtol), ("atol", atol)):
         if value is not None and not value > 0:
             raise ValueError(f"`{name}` must be positive; got {value}.")
-    if jacobian_diagonal is not None and method not in ("auto", "quasi-deer"):
+    if jacobian_diagonal is not None and method not in ("auto", "quasi-deer", "quasi-elk"):
         raise ValueError(
-            "`jacobian_diagonal` is only used by `method='quasi-deer'`; got "
-            f"method={method!r}."
+            "`jacobian_diagonal` is only used by `method='quasi-deer'` and "
+            f"`method='quasi-elk'`; got method={method!r}."
         )
 
 
@@ -202,6 +190,7 @@ def scan(
     throw: bool = True,
     guess: PyTree | None = None,
     jacobian_diagonal: Callable[[PyTree, PyTree], PyTree] | None = None,
+    initial_damping: float = 1.0,
     return_stats: bool = False,
 ):
     r"""`jax.lax.scan`, evaluated in parallel over the sequence by Newton's method.
@@ -243,6 +232,13 @@ def scan(
         is per sequence: under `jax.vmap` memory scales with the batch. For wide
         cells a closed-form `jacobian_diagonal` makes quasi-DEER much cheaper per
         iteration (GRU, $D = 64$: 6x faster than DEER).
+    - `"elk"`, `"quasi-elk"`: the same linearisations (full / diagonal), but each
+        iteration is a trust-region Levenberg--Marquardt step computed by a parallel
+        Kalman smoother (ELK, Gonzalez et al. 2024), its damping adapted by the ratio of
+        actual to predicted residual reduction, starting from `initial_damping`.
+        Slower per iteration; more robust when plain (quasi-)DEER overshoots on
+        unstable recurrences. Once the undamped Newton step is within tolerance it is
+        taken, so the answer is DEER's.
     - `"sequential"`: exactly `jax.lax.scan` (reference and fallback: chaotic or
         strongly expansive recurrences, where Newton may need up to $T$ iterations;
         or a tight sequential loop is simply faster, as often on CPUs).
@@ -272,8 +268,8 @@ def scan(
         consist of real floating-point arrays of one dtype (for the parallel methods);
         `xs` and `ys` may be any PyTrees of arrays.
     - `unroll`: passed to `jax.lax.scan` by `method="sequential"`; ignored otherwise.
-    - `method`: `"auto"` (default), `"deer"`, `"quasi-deer"` or `"sequential"`;
-        see above.
+    - `method`: `"auto"` (default), `"deer"`, `"quasi-deer"`, `"elk"`, `"quasi-elk"`
+        or `"sequential"`; see above.
     - `rtol`, `atol`: Newton tolerances; the iteration stops when its last update
         $\delta$ satisfies $\|\delta / (\text{atol} + \text{rtol}\,|c|)\| \le 1$.
         Default (None): 1e-8 in float64, about 2e-5 in float32.
@@ -288,7 +284,8 @@ def scan(
         that consumes `xs[k]` (whatever `reverse`). E.g. the carries from the previous
         training step, to warm-start. Default: `init` repeated (the DEER paper's
         choice). Never differentiated; it changes only the iteration count.
-    - `jacobian_diagonal`: for quasi-DEER only, an optional function
+    - `initial_damping`: the ELK methods' starting damping (default 1).
+    - `jacobian_diagonal`: for quasi-DEER and quasi-ELK only, an optional function
         `(carry, x) -> PyTree like carry` giving the diagonal of
         $\partial F / \partial c$ cheaply (e.g. in closed form for a GRU), instead of
         `D` Jacobian-vector products. An inexact diagonal only slows convergence; the
@@ -381,7 +378,7 @@ def scan(
 
     # With one state the diagonal is the Jacobian: quasi-DEER is DEER (and its
     # implicit derivative needs a single scan).
-    dense = method == "deer" or (flattener.size == 1 and diagonal is None)
+    dense = method in ("deer", "elk") or (flattener.size == 1 and diagonal is None)
     default = default_tolerance(dtype)
     problem = _ScanProblem(
         step=step,
@@ -408,9 +405,8 @@ def scan(
         atol=default if atol is None else atol,
         norm=norm,
         max_iters=max_iters,
+        damping=initial_damping if method in ("elk", "quasi-elk") else None,
     )
-    if T <= max_iters:
-        stats = _exact_after_T(stats, T)
     if throw:
         failed = stats.result != optx.RESULTS.successful
         diverged = stats.result == optx.RESULTS.nonlinear_divergence

@@ -99,3 +99,34 @@ def test_shape_errors():
         linear_recurrence(jnp.zeros((5, 2)), jnp.zeros((5, 2)), method="magic")
     with pytest.raises(ValueError, match="x0"):
         linear_recurrence(jnp.zeros((5, 2)), jnp.zeros((5, 2)), jnp.zeros(2), transpose=True)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("T", [1, 2, 3, 50, 101])
+def test_generic_associative_scan(method, T):
+    # A non-commutative operator (matrix products) over a PyTree of elements.
+    from diffrax_deer._linear_recurrence import associative_scan
+
+    M = jnp.eye(3)[None] + 0.3 * jax.random.normal(jax.random.PRNGKey(5), (T, 3, 3))
+    v = jax.random.normal(jax.random.PRNGKey(6), (T, 3))
+
+    def op(a, b):  # batched over leading axes, as associative scans require
+        return (
+            jnp.einsum("...ij,...jk->...ik", b[0], a[0]),
+            jnp.einsum("...ij,...j->...i", b[0], a[1]) + b[1],
+        )
+
+    expected = jax.lax.associative_scan(op, (M, v))
+    got = associative_scan(op, (M, v), method=method)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_batched_solve_with_pivoting():
+    from diffrax_deer._batched import solve
+
+    k1, k2 = jax.random.split(jax.random.PRNGKey(7))
+    M = jax.random.normal(k1, (40, 5, 5))
+    M = M.at[:, 0, 0].set(0.0)  # a zero leading entry needs a row swap
+    B = jax.random.normal(k2, (40, 5, 2))
+    np.testing.assert_allclose(solve(M, B), jnp.linalg.solve(M, B), rtol=1e-9, atol=1e-9)
