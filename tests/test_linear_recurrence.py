@@ -66,7 +66,7 @@ def test_transpose_solves_transposed_system(structure, method):
 
 def test_transpose_is_adjoint_of_forward():
     # <L^{-1} b, g> = <b, L^{-T} g> exactly what reverse-mode differentiation relies on.
-    A, b, _ = _random("dense", T=64, D=4, seed=2)
+    A, b, _ = _random("dense", T=17, D=4, seed=2)
     g = jax.random.normal(jax.random.PRNGKey(3), b.shape)
     lhs = jnp.sum(linear_recurrence(A, b) * g)
     rhs = jnp.sum(b * linear_recurrence(A, g, transpose=True))
@@ -76,7 +76,7 @@ def test_transpose_is_adjoint_of_forward():
     np.testing.assert_allclose(grad_b, linear_recurrence(A, g, transpose=True), atol=1e-12)
 
 
-@pytest.mark.parametrize("T", [1, 2, 10_007])
+@pytest.mark.parametrize("T", [1, 2, 1_007])
 def test_lengths_and_jit(T):
     # Lengths that are not a multiple of any chunk size, including a single step.
     A, b, x0 = _random("dense", T=T, D=2, seed=4)
