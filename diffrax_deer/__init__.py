@@ -3,14 +3,23 @@
 The two doors:
 
 - [`diffrax_deer.DEER`][]: a diffrax solver, `diffrax.diffeqsolve(term, DEER(), ...)`.
-- [`diffrax_deer.linear_recurrence`][]: the parallel scan underneath everything.
+- [`diffrax_deer.scan`][]: `jax.lax.scan`'s contract, evaluated in parallel.
+
+Underneath: [`diffrax_deer.linear_recurrence`][] (the parallel scan), the batched
+exponentials [`diffrax_deer.expm_phi1`][], and the predictability diagnostic
+[`diffrax_deer.lyapunov_exponent`][].
 """
 
-from ._expm import exp_phi1_diagonal as exp_phi1_diagonal, expm as expm, expm_phi1 as expm_phi1
+from ._expm import (
+    exp_phi1_diagonal as exp_phi1_diagonal,
+    expm as expm,
+    expm_phi1 as expm_phi1,
+)
 from ._linear_recurrence import (
     linear_recurrence as linear_recurrence,
     sequential_linear_recurrence as sequential_linear_recurrence,
 )
+from ._lyapunov import lyapunov_exponent as lyapunov_exponent
 from ._newton import NewtonStats as NewtonStats
 from ._scan import scan as scan
 from ._solver import DEER as DEER, DEERState as DEERState

@@ -164,72 +164,87 @@ def _newton_loop(problem, guess, rtol, atol, norm, max_iters):
 
 _MIN_DAMPING = 1e-12
 _MAX_DAMPING = 1e12
+_STALL_FACTOR = 1e6
 
 
 def _trust_region_loop(problem, guess, rtol, atol, norm, max_iters, damping):
     r"""ELK: Levenberg--Marquardt steps (a parallel Kalman smoother, see `_kalman.py`)
     in a trust-region loop.
 
-    Steps are judged by the *natural level* $\|\tilde L(y)^{-1} r(y)\|$, the size of
-    the Newton (DEER) correction from $y$ (Deuflhard's affine-invariant monotonicity
-    test), rather than by $\|r\|$: the linearisations of the ODE schemes are not the
-    exact Jacobian of their residual, and with an inexact Jacobian the residual's
-    predicted decrease can be dominated by the Jacobian's error near the solution, which
-    stalls a residual-based trust region. The damping is adapted by the ratio of the
-    actual to the predicted decrease of the squared natural level. Converged when the
-    Newton correction from the current iterate is within tolerance; that Newton step is
-    returned, so the answer is DEER's."""
+    A step is accepted when it reduces the residual sum of squares by at least a small
+    fraction of what the linear model predicts (the classical trust-region test; the
+    damping is adapted by that ratio), or when it reduces the *natural level*
+    $\|\tilde L(y)^{-1} r(y)\|$, the size of the Newton (DEER) correction (Deuflhard's
+    affine-invariant monotonicity test). The second test matters for the ODE schemes,
+    whose linearisation is not the exact Jacobian of their residual: near the solution
+    the residual's predicted decrease can drown in the Jacobian's error and stall a
+    purely residual-based trust region, while the Newton correction still shrinks.
+    When neither test can be passed however strongly the step is damped (the damping
+    has grown by `_STALL_FACTOR`: an inexact linearisation far from the solution, where
+    its damped direction is not a descent direction), the loop takes one undamped
+    Newton step (non-finite states reset as in DEER) and restarts the damping. So ELK
+    never stalls where DEER would converge, and keeps its damping where DEER overflows.
+    Converged when the Newton correction from the current iterate is within tolerance;
+    that Newton step is returned, so the answer is DEER's."""
     init = problem.init
     dtype = guess.dtype
 
-    def newton_point(ys):
+    def linearise(ys):
         A, b = problem.linearise(ys)
-        return A, b, linear_recurrence(A, b, init)
+        r = ys - (matvec(A, _previous(init, ys)) + b)
+        return A, b, linear_recurrence(A, b, init), jnp.sum(r**2)
+
+    def level(newton, ys, weight):
+        return jnp.sum((weight * (newton - ys)) ** 2)
 
     def cond(carry):
-        i, _, _, _, _, _, _, converged, stop, _ = carry
-        return (i < max_iters) & jnp.invert(converged | stop)
+        i, _, _, _, _, _, _, _, converged, _ = carry
+        return (i < max_iters) & jnp.invert(converged)
 
     def body(carry):
-        i, ys, A, b, newton, lam, _, _, _, num_rejected = carry
-        weight = 1 / (atol + rtol * jnp.abs(ys))
-        level = jnp.sum((weight * (newton - ys)) ** 2)
+        i, ys, A, b, newton, rsq, lam, _, _, num_rejected = carry
         newton_scaled = _scaled_norm(newton - ys, newton, rtol, atol, norm)
         converged = jnp.all(jnp.isfinite(newton)) & (newton_scaled <= 1)
-        step = damped_recurrence(A, b, init, ys, lam)
-        # The linear model's natural level at the step is ||newton - step||.
-        predicted = level - jnp.sum((weight * (newton - step)) ** 2)
-        A1, b1, newton1 = newton_point(step)
-        actual = level - jnp.sum((weight * (newton1 - step)) ** 2)
-        ok = jnp.isfinite(actual) & jnp.all(jnp.isfinite(step))
-        ratio = jnp.where(ok & (predicted > 0), actual / predicted, -jnp.inf)
-        accept = ok & (ratio > 1e-4) & jnp.invert(converged)
-        lam = jnp.where(ratio < 0.25, 4 * lam, jnp.where(ratio > 0.75, lam / 3, lam))
+        stalled = lam >= stall_damping
+        damped = damped_recurrence(A, b, init, ys, lam)
+        finite_points = jnp.all(jnp.isfinite(newton), axis=-1, keepdims=True)
+        step = jnp.where(stalled, jnp.where(finite_points, newton, ys), damped)
+        r_model = step - (matvec(A, _previous(init, step)) + b)
+        predicted = rsq - jnp.sum(r_model**2)
+        A1, b1, newton1, rsq1 = linearise(step)
+        ratio = (rsq - rsq1) / predicted
+        weight = 1 / (atol + rtol * jnp.abs(ys))
+        natural = level(newton1, step, weight) < (1 - 1e-4) * level(newton, ys, weight)
+        ok = jnp.isfinite(rsq1) & jnp.all(jnp.isfinite(newton1))
+        ratio = jnp.where(ok & (predicted > 0), ratio, -jnp.inf)
+        accept = ok & ((ratio > 1e-4) | natural | stalled) & jnp.invert(converged)
+        grow = (ratio > 0.75) | (natural & (ratio <= 1e-4))
+        lam = jnp.where(accept & grow, lam / 3, jnp.where(ratio < 0.25, 4 * lam, lam))
+        lam = jnp.where(stalled, initial_damping, lam)
         lam = jnp.clip(lam, _MIN_DAMPING, _MAX_DAMPING)
-        # Cannot make progress: damped to the limit and still rejected.
-        stop = jnp.invert(accept | converged) & (lam >= _MAX_DAMPING)
         keep = lambda new, old: jnp.where(accept, new, old)
         ys_next = jnp.where(converged, newton, keep(step, ys))
         scaled = jnp.where(converged, newton_scaled, jnp.inf)
         num_rejected = num_rejected + jnp.invert(accept | converged).astype(jnp.int32)
         return (
-            i + 1, ys_next, keep(A1, A), keep(b1, b), keep(newton1, newton), lam,
-            scaled, converged, stop, num_rejected,
+            i + 1, ys_next, keep(A1, A), keep(b1, b), keep(newton1, newton),
+            keep(rsq1, rsq), lam, scaled, converged, num_rejected,
         )
 
+    initial_damping = jnp.asarray(damping, dtype)
+    stall_damping = jnp.minimum(initial_damping * _STALL_FACTOR, _MAX_DAMPING)
     carry = (
         jnp.array(0, jnp.int32),
         guess,
-        *newton_point(guess),
-        jnp.asarray(damping, dtype),
+        *linearise(guess),
+        initial_damping,
         jnp.array(jnp.inf, dtype),
-        jnp.array(False),
         jnp.array(False),
         jnp.array(0, jnp.int32),
     )
     out = lax.while_loop(cond, body, carry)
-    num_iters, ys, _, _, _, _, scaled, converged, stop, num_rejected = out
-    finite = jnp.all(jnp.isfinite(ys)) & jnp.invert(stop)
+    num_iters, ys, _, _, _, rsq, _, scaled, converged, num_rejected = out
+    finite = jnp.isfinite(rsq)
     stats = _final_stats(num_iters, scaled, converged, finite, num_rejected, dtype)
     return ys, stats
 
