@@ -40,6 +40,7 @@ from ._lineax import TrajectoryJacobianSolver
 from ._batched import matvec
 from ._kalman import damped_recurrence
 from ._linear_recurrence import linear_recurrence
+from ._lyapunov import lyapunov_exponent
 
 
 class AbstractTrajectoryProblem(eqx.Module):
@@ -84,12 +85,16 @@ class NewtonStats(eqx.Module):
       (`<= 1` means converged; it estimates the error of the previous iterate).
     - `result`: an `optimistix.RESULTS`.
     - `num_rejected`: trust-region steps rejected (ELK only; 0 for DEER).
+    - `lyapunov_exponent`: the largest Lyapunov exponent of the converged trajectory
+      (see [`diffrax_deer.lyapunov_exponent`][]), per step for `scan` and per unit time
+      for `DEER`; NaN unless asked for (`lyapunov=True`).
     """
 
     num_iters: Int[Array, ""]
     update_norm: Float[Array, ""]
     result: optx.RESULTS
     num_rejected: Int[Array, ""]
+    lyapunov_exponent: Float[Array, ""]
 
 
 def _scaled_norm(diff, ys, rtol, atol, norm):
@@ -111,7 +116,7 @@ def _final_stats(num_iters, scaled, converged, finite, num_rejected, dtype):
         ),
     )
     scaled = jnp.where(converged, scaled, jnp.maximum(scaled, 1 + jnp.finfo(dtype).eps))
-    return NewtonStats(num_iters, scaled, result, num_rejected)
+    return NewtonStats(num_iters, scaled, result, num_rejected, jnp.array(jnp.nan, dtype))
 
 
 def _exact_by_length(problem, num_iters, guess, finite):
@@ -123,15 +128,24 @@ def _exact_by_length(problem, num_iters, guess, finite):
     return finite & (num_iters >= guess.shape[0])
 
 
+# Consecutive iterations with non-finite states after which an implicit scheme's Newton
+# iteration is declared divergent (explicit recurrences keep going: see
+# `AbstractTrajectoryProblem.explicit_recurrence`).
+_DIVERGENCE_STREAK = 4
+
+
 def _newton_loop(problem, guess, rtol, atol, norm, max_iters):
     init = problem.init
+    # For an implicit scheme, states that overflow iteration after iteration mean the
+    # iteration is diverging: stop early and say so instead of spinning to max_iters.
+    streak_limit = max_iters + 1 if problem.explicit_recurrence else _DIVERGENCE_STREAK
 
     def cond(carry):
-        i, _, _, done, _ = carry
-        return (i < max_iters) & jnp.invert(done)
+        i, _, _, done, _, streak = carry
+        return (i < max_iters) & jnp.invert(done) & (streak < streak_limit)
 
     def body(carry):
-        i, ys, _, _, _ = carry
+        i, ys, _, _, _, streak = carry
         A, b = problem.linearise(ys)
         new = linear_recurrence(A, b, init)
         # Non-finite states (overflow, NaN) are reset to the previous iterate (or the
@@ -144,7 +158,8 @@ def _newton_loop(problem, guess, rtol, atol, norm, max_iters):
         new = jnp.where(finite_points, new, fallback)
         scaled = _scaled_norm(new - ys, new, rtol, atol, norm)
         converged = finite & (scaled <= 1)
-        return i + 1, new, scaled, converged, finite
+        streak = jnp.where(finite, 0, streak + 1)
+        return i + 1, new, scaled, converged, finite, streak
 
     dtype = guess.dtype
     carry = (
@@ -153,8 +168,10 @@ def _newton_loop(problem, guess, rtol, atol, norm, max_iters):
         jnp.array(jnp.inf, dtype),
         jnp.array(False),
         jnp.array(True),
+        jnp.array(0, jnp.int32),
     )
-    num_iters, ys, scaled, converged, finite = lax.while_loop(cond, body, carry)
+    out = lax.while_loop(cond, body, carry)
+    num_iters, ys, scaled, converged, finite, _ = out
     converged = converged | _exact_by_length(problem, num_iters, guess, finite)
     stats = _final_stats(
         num_iters, scaled, converged, finite, jnp.array(0, jnp.int32), dtype
@@ -326,6 +343,17 @@ def solve_trajectory(
         problem, guess, rtol=rtol, atol=atol, norm=norm, max_iters=max_iters,
         damping=damping,
     )
+
+
+def with_lyapunov_exponent(
+    stats: NewtonStats, problem: AbstractTrajectoryProblem, ys: Float[Array, "T D"], dt
+) -> NewtonStats:
+    """`stats` with the Lyapunov exponent of the trajectory `ys` filled in, from the
+    transitions of the linearisation about it (one extra linearisation and one scan;
+    not differentiated). `dt` is the time one step spans (1 for per step)."""
+    transitions, _ = problem.linearise(lax.stop_gradient(ys))
+    exponent = lyapunov_exponent(lax.stop_gradient(transitions), lax.stop_gradient(dt))
+    return eqx.tree_at(lambda s: s.lyapunov_exponent, stats, exponent.astype(ys.dtype))
 
 
 def is_successful(stats: NewtonStats) -> Bool[Array, ""]:

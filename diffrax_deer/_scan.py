@@ -43,7 +43,12 @@ from jaxtyping import Array, Float, PyTree
 from ._batched import matvec
 from ._jacobian import value_and_jacobian
 from ._misc import default_tolerance, TreeFlattener
-from ._newton import AbstractTrajectoryProblem, NewtonStats, solve_trajectory
+from ._newton import (
+    AbstractTrajectoryProblem,
+    NewtonStats,
+    solve_trajectory,
+    with_lyapunov_exponent,
+)
 
 
 Method = Literal["auto", "deer", "quasi-deer", "elk", "quasi-elk", "sequential"]
@@ -113,7 +118,11 @@ class _ScanProblem(AbstractTrajectoryProblem):
 def _trivial_stats(dtype) -> NewtonStats:
     """Stats of a solve that took no Newton iteration (sequential, or nothing to
     solve); counters not named here (e.g. rejected steps) are zero."""
-    values = dict(update_norm=jnp.array(0.0, dtype), result=optx.RESULTS.successful)
+    values = dict(
+        update_norm=jnp.array(0.0, dtype),
+        result=optx.RESULTS.successful,
+        lyapunov_exponent=jnp.array(jnp.nan, dtype),
+    )
     return NewtonStats(
         **{
             field.name: values.get(field.name, jnp.array(0, jnp.int32))
@@ -192,6 +201,7 @@ def scan(
     jacobian_diagonal: Callable[[PyTree, PyTree], PyTree] | None = None,
     initial_damping: float = 1.0,
     return_stats: bool = False,
+    lyapunov: bool = False,
 ):
     r"""`jax.lax.scan`, evaluated in parallel over the sequence by Newton's method.
 
@@ -295,6 +305,13 @@ def scan(
         `successful`, `nonlinear_max_steps_reached` or `nonlinear_divergence` (still
         non-finite at the end). With `method="sequential"` the stats say 0 iterations,
         successful.
+    - `lyapunov`: also estimate the largest Lyapunov exponent of the result, per step,
+        into `stats.lyapunov_exponent` (one more Jacobian evaluation and scan; see
+        [`diffrax_deer.lyapunov_exponent`][]). Negative: the recurrence forgets
+        perturbations and parallel evaluation pays off at any length; positive: it
+        amplifies them like $e^{\lambda k}$, Newton may need up to `T` iterations, so
+        prefer `method="sequential"`. Under quasi-DEER / quasi-ELK the estimate uses the
+        Jacobian diagonals (that of the approximate linearisation).
 
     **Returns:**
 
@@ -407,6 +424,8 @@ def scan(
         max_iters=max_iters,
         damping=initial_damping if method in ("elk", "quasi-elk") else None,
     )
+    if lyapunov:
+        stats = with_lyapunov_exponent(stats, problem, carries, 1.0)
     if throw:
         failed = stats.result != optx.RESULTS.successful
         diverged = stats.result == optx.RESULTS.nonlinear_divergence

@@ -5,7 +5,9 @@ from typing import ClassVar, Literal
 
 import diffrax
 import equinox as eqx
+import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import optimistix as optx
 from diffrax import AbstractTerm, ODETerm, RESULTS
 from jaxtyping import Array, Float, Int, PyTree
@@ -18,7 +20,7 @@ from ._discretisation import ExponentialScheme
 from ._initial_guess import coarse_grid_guess, coarse_intervals, constant_guess
 from ._interpolation import HermiteGridInterpolation
 from ._misc import default_tolerance, TreeFlattener
-from ._newton import is_successful, solve_trajectory
+from ._newton import is_successful, solve_trajectory, with_lyapunov_exponent
 
 
 # method -> (Jacobian structure, trust-region damping?)
@@ -44,6 +46,13 @@ class DEERState(eqx.Module):
     - `total_coarse_iters`: Newton iterations spent on the coarse grids of the
       `initial_guess="coarse"` predictor (each costs a fraction of a full iteration:
       1/8 on the first coarse level, 1/64 on the next, ...).
+    - `lyapunov_exponent`: with `DEER(lyapunov=True)`, the estimate of the largest
+      Lyapunov exponent (per unit time), averaged over the windows so far weighted by
+      their lengths; NaN otherwise. Each window's estimate carries an $O(1/\text{length})$
+      bias from transients, so short windows overestimate it.
+    - `lyapunov_time`: the integration time that estimate covers. See
+      [`diffrax_deer.lyapunov_exponent`][]: below zero, long windows converge in a few
+      iterations; above zero, keep windows shorter than a few $1/\lambda$.
 
     Iteration counts refer to the full grid of each window.
     """
@@ -54,6 +63,8 @@ class DEERState(eqx.Module):
     last_window_iters: Int[Array, ""]
     last_update_norm: Float[Array, ""]
     total_coarse_iters: Int[Array, ""]
+    lyapunov_exponent: Float[Array, ""]
+    lyapunov_time: Float[Array, ""]
 
 
 def _ode_term(terms) -> AbstractTerm:
@@ -76,6 +87,28 @@ def _ode_term(terms) -> AbstractTerm:
             "supported."
         )
     return terms
+
+
+def _user_guess(fn, problem, flattener):
+    """The user's initial trajectory `fn(t)` on the window's grid (after `y0`)."""
+    ts = problem.ts[1:]
+    try:
+        struct = jax.eval_shape(fn, ts[0])
+    except Exception as e:
+        raise ValueError(
+            "`DEER(initial_guess=fn)` must be a function of a scalar time returning a "
+            "state like `y0` (e.g. a previous solution's `sol.evaluate`)."
+        ) from e
+    expected = jax.eval_shape(flattener.unravel, problem.init)
+    if jtu.tree_structure(struct) != jtu.tree_structure(expected) or any(
+        a.shape != b.shape for a, b in zip(jtu.tree_leaves(struct), jtu.tree_leaves(expected))
+    ):
+        raise ValueError(
+            "`DEER(initial_guess=fn)`: `fn(t)` must return a PyTree with the structure "
+            f"and shapes of `y0`; got {struct} for {expected}."
+        )
+    guess = jax.vmap(lambda t: flattener.ravel(fn(t)))(ts)
+    return guess.astype(problem.init.dtype)
 
 
 class DEER(diffrax.AbstractSolver):
@@ -125,7 +158,9 @@ class DEER(diffrax.AbstractSolver):
         static=True, default="deer"
     )
     initial_damping: float = eqx.field(static=True, default=1.0)
-    initial_guess: Literal["coarse", "constant"] = eqx.field(static=True, default="coarse")
+    # Not static: a callable guess may hold arrays (e.g. a previous `diffrax.Solution`).
+    initial_guess: Literal["coarse", "constant"] | Callable = "coarse"
+    lyapunov: bool = eqx.field(static=True, default=False)
 
     term_structure: ClassVar = AbstractTerm
     interpolation_cls: ClassVar = HermiteGridInterpolation
@@ -146,10 +181,13 @@ class DEER(diffrax.AbstractSolver):
             raise ValueError(
                 f"`initial_damping` must be positive; got {self.initial_damping}."
             )
-        if self.initial_guess not in ("coarse", "constant"):
+        if not callable(self.initial_guess) and self.initial_guess not in (
+            "coarse",
+            "constant",
+        ):
             raise ValueError(
-                f"`initial_guess` must be 'coarse' or 'constant'; got "
-                f"{self.initial_guess!r}."
+                f"`initial_guess` must be 'coarse', 'constant' or a function of time "
+                f"returning a state like `y0`; got {self.initial_guess!r}."
             )
         for name in ("rtol", "atol"):
             value = getattr(self, name)
@@ -169,7 +207,11 @@ class DEER(diffrax.AbstractSolver):
         _ode_term(terms)
         flattener = TreeFlattener(y0)
         zero = jnp.array(0, jnp.int32)
-        return DEERState(zero, zero, zero, zero, jnp.array(0.0, flattener.dtype), zero)
+        dtype = flattener.dtype
+        nan = jnp.array(jnp.nan, dtype)
+        return DEERState(
+            zero, zero, zero, zero, jnp.array(0.0, dtype), zero, nan, jnp.zeros((), dtype)
+        )
 
     def _tolerances(self, dtype) -> tuple[float, float]:
         default = default_tolerance(dtype)
@@ -198,13 +240,16 @@ class DEER(diffrax.AbstractSolver):
             jacobian=_METHODS[self.method][0],
         )
         damping = self.initial_damping if _METHODS[self.method][1] else None
-        if self.initial_guess == "coarse":
+        coarse_iters = jnp.array(0, jnp.int32)
+        if callable(self.initial_guess):
+            guess = _user_guess(self.initial_guess, problem, flattener)
+        elif self.initial_guess == "coarse":
             guess, coarse_iters, coarse_ok = coarse_grid_guess(
                 problem, rtol=rtol, atol=atol, norm=self.norm, max_iters=self.max_iters,
                 damping=damping,
             )
         else:
-            guess, coarse_iters = constant_guess(problem), jnp.array(0, jnp.int32)
+            guess = constant_guess(problem)
         ys, stats = solve_trajectory(
             problem,
             guess,
@@ -224,7 +269,9 @@ class DEER(diffrax.AbstractSolver):
         y1 = flattener.unravel(ys[-1])
         y_error = None
         n_coarse = coarse_intervals(self.num_points)
-        if self.initial_guess == "coarse" and n_coarse is not None:
+        if isinstance(self.initial_guess, str) and self.initial_guess == "coarse" and (
+            n_coarse is not None
+        ):
             # Richardson: the scheme is 2nd order, so the fine end state's error is
             # about (fine - coarse) / (r^2 - 1) for the spacing ratio r. A window whose
             # Newton iteration failed (or whose coarse solve failed) gets an infinite
@@ -234,6 +281,15 @@ class DEER(diffrax.AbstractSolver):
             valid = coarse_ok & is_successful(stats)
             y_error = flattener.unravel(jnp.where(valid, error, jnp.inf))
         iters = stats.num_iters
+        lyapunov = solver_state.lyapunov_exponent
+        lyapunov_time = solver_state.lyapunov_time
+        if self.lyapunov:
+            length = jnp.abs(t1 - t0).astype(lyapunov_time.dtype)
+            stats = with_lyapunov_exponent(stats, problem, ys, length / (self.num_points - 1))
+            exponent = stats.lyapunov_exponent.astype(lyapunov.dtype)
+            previous = jnp.where(lyapunov_time > 0, lyapunov * lyapunov_time, 0)
+            lyapunov_time = lyapunov_time + length
+            lyapunov = (previous + exponent * length) / lyapunov_time
         state = DEERState(
             num_windows=solver_state.num_windows + 1,
             total_iters=solver_state.total_iters + iters,
@@ -241,6 +297,8 @@ class DEER(diffrax.AbstractSolver):
             last_window_iters=iters,
             last_update_norm=stats.update_norm.astype(solver_state.last_update_norm.dtype),
             total_coarse_iters=solver_state.total_coarse_iters + coarse_iters,
+            lyapunov_exponent=lyapunov,
+            lyapunov_time=lyapunov_time,
         )
         result = RESULTS.promote(stats.result)
         return y1, y_error, dense_info, state, result
@@ -273,6 +331,14 @@ DEER.__init__.__doc__ = r"""**Arguments:**
 - `initial_guess`: how each window's Newton iteration starts. `"coarse"` (default):
     solve the window on a grid 8x coarser (recursively, down to 32 intervals) and
     interpolate; the fine grid then usually needs 2-3 iterations. `"constant"`: the
-    window's initial state everywhere (the DEER paper's choice). The guess affects only
-    speed and robustness, never the converged answer or its gradients.
+    window's initial state everywhere (the DEER paper's choice). Or a function
+    `guess(t) -> state like y0`, evaluated on each window's grid: a *warm start*, e.g.
+    `initial_guess=previous_sol.evaluate` with the solution of the same trajectory at
+    the previous training step (its `SaveAt(dense=True)`), so that Newton needs one or
+    two iterations. The guess affects only speed and robustness, never the converged
+    answer or its gradients. Only `"coarse"` gives an error estimate (for adaptive
+    step size controllers); with the others use `diffrax.ConstantStepSize`.
+- `lyapunov`: also estimate the largest Lyapunov exponent of each window's trajectory
+    (one extra Jacobian evaluation and scan per window), reported (averaged over
+    windows) in `DEERState.lyapunov_exponent`. Default False.
 """
