@@ -5,6 +5,7 @@ import functools as ft
 import diffrax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def van_der_pol(t, y, mu):
@@ -42,6 +43,20 @@ PROBLEMS = {
 }
 
 
+def logistic(t, y, args):
+    return y * (1 - y)
+
+
+# Dynamics that are not contractive along the way: plain DEER from a constant guess
+# blows up on each (the reference implementation hits its clip).
+HARD_PROBLEMS = {
+    # name: (vector field, y0, args, t1)
+    "logistic": (logistic, jnp.array([0.01]), None, 20.0),
+    "lotka_volterra": (lotka_volterra, jnp.array([2.0, 1.0]), None, 10.0),
+    "van_der_pol": (van_der_pol, jnp.array([2.0, 0.0]), 1.0, 20.0),
+}
+
+
 def reference_solution(vector_field, y0, args, t0, t1, ts, rtol=1e-12, atol=1e-12):
     """High-accuracy sequential diffrax solution at `ts`."""
     sol = diffrax.diffeqsolve(
@@ -70,3 +85,36 @@ def tree_allclose(x, y, rtol=1e-7, atol=1e-9):
 @ft.cache
 def random_key(seed: int = 0):
     return jax.random.PRNGKey(seed)
+
+
+# An autoregressive GRU that generates a sine wave: its output is its next input, its
+# hidden state circles a limit cycle (the rotation part of the candidate weights) around
+# an unstable fixed point at 0. The largest Lyapunov exponent is ~0 (neutral phase):
+# the hard regime for parallel evaluation.
+def _gru_params():
+    omega = 2 * np.pi / 50
+    c, s = np.cos(omega), np.sin(omega)
+    Wn = np.zeros((4, 4))
+    Wn[:2, :2] = 1.1 * np.array([[c, -s], [s, c]])
+    Wn[2:, 2:] = 0.55 * np.eye(2)
+    return dict(
+        Wz=0.1 * jnp.eye(4), bz=-3.0 * jnp.ones(4),
+        Wr=0.1 * jnp.eye(4), br=3.0 * jnp.ones(4),
+        Wn=jnp.asarray(Wn), Un=jnp.zeros((4, 1)).at[2, 0].set(0.3),
+        Wo=jnp.zeros((1, 4)).at[0, 0].set(1.0),
+    )
+
+
+def sine_wave_gru():
+    """`step(h, None) -> (h, y)` of the autoregressive sine-wave GRU (see above)."""
+    p = _gru_params()
+
+    def step(h, _):
+        x = p["Wo"] @ h
+        z = jax.nn.sigmoid(p["Wz"] @ h + p["bz"])
+        r = jax.nn.sigmoid(p["Wr"] @ h + p["br"])
+        n = jnp.tanh(p["Wn"] @ (r * h) + p["Un"] @ x)
+        h = (1 - z) * n + z * h
+        return h, p["Wo"] @ h
+
+    return step

@@ -41,3 +41,35 @@ def test_lorenz_largest_exponent():
     flow = expm(jac * dt)  # Jacobian of the flow over one step
     lam = lyapunov_exponent(flow, dt=dt)
     assert abs(float(lam) - 0.906) < 0.08, lam
+
+
+def test_solver_and_scan_diagnostics():
+    import diffrax_deer
+
+    # y' = M y with eigenvalues -0.5 and -2 (normal M): lambda = -0.5 per unit time.
+    M = jnp.array([[-0.5, 0.0], [0.0, -2.0]])
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda t, y, args: M @ y),
+        diffrax_deer.DEER(num_points=201, lyapunov=True),
+        0.0, 8.0, 4.0, jnp.array([1.0, 1.0]),
+        saveat=diffrax.SaveAt(t1=True, solver_state=True),
+    )
+    state = sol.solver_state
+    np.testing.assert_allclose(state.lyapunov_exponent, -0.5, atol=1e-8)
+    np.testing.assert_allclose(state.lyapunov_time, 8.0)
+    # Not asked for: NaN.
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda t, y, args: M @ y), diffrax_deer.DEER(num_points=201),
+        0.0, 8.0, 8.0, jnp.array([1.0, 1.0]), saveat=diffrax.SaveAt(solver_state=True, t1=True),
+    )
+    assert np.isnan(sol.solver_state.lyapunov_exponent)
+
+    # scan: a contracting map h -> tanh(W h + x) with ||W|| < 1 has lambda < 0 per step.
+    W = jnp.array([[0.5, -0.3], [0.3, 0.5]])
+    xs = jnp.stack([jnp.sin(jnp.arange(500.0)), jnp.cos(jnp.arange(500.0))], axis=-1)
+    f = lambda h, x: (jnp.tanh(W @ h + x), h)
+    _, _, stats = diffrax_deer.scan(f, jnp.zeros(2), xs, return_stats=True, lyapunov=True)
+    _, hs = jax.lax.scan(f, jnp.zeros(2), xs)
+    jac = jax.vmap(jax.jacfwd(lambda h, x: f(h, x)[0]))(hs, xs)
+    np.testing.assert_allclose(stats.lyapunov_exponent, lyapunov_exponent(jac), rtol=1e-6)
+    assert float(stats.lyapunov_exponent) < np.log(np.sqrt(0.34)) + 1e-6

@@ -1,0 +1,217 @@
+"""The hard cases of `tests/test_robust.py`: iterations and wall time of DEER, quasi-DEER,
+ELK and quasi-ELK next to sequential evaluation.
+
+ODEs (logistic growth on [0, 20], Lotka-Volterra on [0, 10], Van der Pol mu=1 on
+[0, 20]) through `diffrax.diffeqsolve`, each method in two configurations:
+
+- `one window`: `DEER(method=...)` defaults, `dt0 = t1 - t0` (1001 points);
+- `PID windows`: the recommended robust configuration, `DEER(num_points=257,
+  method=...)` with `diffrax.PIDController(rtol=1e-6, atol=1e-6)` choosing the windows;
+
+and `diffrax.Tsit5` with the same controller as the sequential baseline. The
+autoregressive sine-wave GRU (T = 10 000) through `diffrax_deer.scan` with each method
+(`max_iters` 100 and 400) next to `jax.lax.scan`.
+
+Per case: the result (`successful` or why not), Newton iterations (summed over
+windows; windows), max-abs error against a tight sequential reference, steady-state
+wall time and compile time. Failures are timed too: how quickly a user learns that a
+configuration does not work is part of the trade-off.
+
+    .venv/bin/python benchmarks/bench_robust.py     # ~5 minutes on a 2-core CPU
+
+Results: `benchmarks/results/robust_<platform>_py<X.Y>.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT.parent))  # the test suite's problem definitions
+
+from _common import (  # noqa: E402
+    Column,
+    compile_jitted,
+    describe_machine,
+    enable_float64,
+    fmt_sci,
+    fmt_time,
+    log,
+    Section,
+    time_call,
+    write_results,
+)
+
+
+enable_float64()
+
+import diffrax  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optimistix as optx  # noqa: E402
+
+import diffrax_deer  # noqa: E402
+from tests.helpers import HARD_PROBLEMS, reference_solution, sine_wave_gru  # noqa: E402
+
+
+METHODS = ("deer", "quasi-deer", "elk", "quasi-elk")
+GRU_LENGTH = 10_000
+REPEATS = 3
+MAX_TOTAL_S = 10.0
+
+
+def _result_name(result, successful) -> str:
+    if bool(result == successful):
+        return "successful"
+    for name in ("nonlinear_divergence", "nonlinear_max_steps_reached", "max_steps_reached"):
+        enum = getattr(type(successful), name, None)
+        if enum is not None and bool(result == enum):
+            return name
+    return "failed"
+
+
+def ode_case(name, config, method):
+    vf, y0, args, t1 = HARD_PROBLEMS[name]
+    controller = None
+    if config == "one window":
+        solver = diffrax_deer.DEER(method=method) if method else diffrax.Tsit5()
+    else:
+        controller = diffrax.PIDController(rtol=1e-6, atol=1e-6)
+        solver = (
+            diffrax_deer.DEER(num_points=257, method=method) if method else diffrax.Tsit5()
+        )
+    kwargs = {} if controller is None else dict(stepsize_controller=controller)
+    is_deer = method is not None
+
+    def solve(y0):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(vf), solver, 0.0, t1, t1 if is_deer else t1 / 100, y0,
+            args=args, saveat=diffrax.SaveAt(ts=jnp.linspace(0, t1, 101),
+                                             solver_state=is_deer),
+            throw=False, max_steps=100_000, **kwargs,
+        )
+        state = sol.solver_state if is_deer else None
+        iters = state.total_iters if is_deer else sol.stats["num_steps"]
+        windows = state.num_windows if is_deer else sol.stats["num_steps"]
+        return sol.ys, sol.result, iters, windows
+
+    compiled = compile_jitted(solve, y0)
+    timing = time_call(compiled.fn, y0, repeats=REPEATS, max_total_s=MAX_TOTAL_S)
+    ys, result, iters, windows = timing.output
+    ref = reference_solution(vf, y0, args, 0.0, t1, jnp.linspace(0, t1, 101))
+    status = _result_name(result, diffrax.RESULTS.successful)
+    return dict(
+        problem=name,
+        config=config if is_deer else f"{config} (sequential)",
+        method=method or "Tsit5",
+        result=status,
+        iters=int(iters) if is_deer else None,
+        windows=int(windows),
+        err=float(jnp.max(jnp.abs(ys - ref))) if status == "successful" else None,
+        time_s=timing.min_s,
+        compile_s=compiled.compile_s,
+    )
+
+
+def gru_case(method, max_iters):
+    step = sine_wave_gru()
+    h0 = jnp.array([0.5, 0.0, 0.0, 0.0])
+    if method is None:
+        fn = lambda h0: jax.lax.scan(step, h0, None, length=GRU_LENGTH)[1]  # noqa: E731
+    else:
+
+        def fn(h0):
+            _, ys, stats = diffrax_deer.scan(
+                step, h0, None, length=GRU_LENGTH, method=method, max_iters=max_iters,
+                throw=False, return_stats=True,
+            )
+            return ys, stats.result, stats.num_iters
+
+    compiled = compile_jitted(fn, h0)
+    timing = time_call(compiled.fn, h0, repeats=REPEATS, max_total_s=MAX_TOTAL_S)
+    ref = jax.lax.scan(step, h0, None, length=GRU_LENGTH)[1]
+    if method is None:
+        ys, status, iters = timing.output, "successful", None
+    else:
+        ys, result, iters = timing.output
+        status = _result_name(result, optx.RESULTS.successful)
+        iters = int(iters)
+    return dict(
+        problem=f"sine-wave GRU, T={GRU_LENGTH}",
+        config=f"max_iters={max_iters}" if method else "sequential",
+        method=method or "jax.lax.scan",
+        result=status,
+        iters=iters,
+        err=float(jnp.max(jnp.abs(ys - ref))) if status == "successful" else None,
+        time_s=timing.min_s,
+        compile_s=compiled.compile_s,
+    )
+
+
+COLUMNS = [
+    Column("problem", "problem"),
+    Column("config", "configuration"),
+    Column("method", "method"),
+    Column("result", "result"),
+    Column("iters", "Newton it."),
+    Column("windows", "windows / steps"),
+    Column("err", "max err", fmt_sci),
+    Column("time_s", "time", fmt_time),
+    Column("compile_s", "compile", fmt_time),
+]
+
+
+def main():
+    log(describe_machine())
+    ode_rows = []
+    for name in HARD_PROBLEMS:
+        for config in ("one window", "PID windows"):
+            for method in (*METHODS, None):
+                log(f"{name} / {config} / {method or 'Tsit5'}")
+                ode_rows.append(ode_case(name, config, method))
+                log(f"  {ode_rows[-1]}")
+    gru_rows = [gru_case(None, None)]
+    for max_iters in (100, 400):
+        for method in METHODS:
+            log(f"GRU / {method} / max_iters={max_iters}")
+            gru_rows.append(gru_case(method, max_iters))
+            log(f"  {gru_rows[-1]}")
+    sections = [
+        Section(
+            "Hard ODEs through diffrax.diffeqsolve",
+            COLUMNS,
+            ode_rows,
+            description=(
+                "`one window`: `DEER(method=...)` defaults (1001 points, coarse-grid "
+                "initial guess), `dt0 = t1 - t0`. `PID windows`: `DEER(num_points=257)` "
+                "with `PIDController(rtol=1e-6, atol=1e-6)`. Sequential: `diffrax.Tsit5` "
+                "with a fixed `dt0 = (t1 - t0) / 100` (one window) or the same "
+                "controller; its 'windows / steps' column is the number of steps. "
+                "Newton it.: summed over windows (fine grids; the coarse predictor's "
+                "iterations are extra and cheap). max err: at 101 times against Tsit5 "
+                "with rtol = atol = 1e-12, only for successful solves. Times include "
+                "the failures: a non-successful result is returned with `throw=False`."
+            ),
+        ),
+        Section(
+            "Autoregressive sine-wave GRU through diffrax_deer.scan",
+            COLUMNS,
+            gru_rows,
+            description=(
+                "Hidden size 4, its output fed back as its input; the hidden state "
+                "circles a limit cycle around an unstable fixed point (largest "
+                "Lyapunov exponent ~0). Initial guess: the initial state everywhere."
+            ),
+        ),
+    ]
+    write_results(
+        "robust",
+        sections,
+        title="Robustness: hard cases, all methods, next to sequential evaluation",
+    )
+
+
+if __name__ == "__main__":
+    main()

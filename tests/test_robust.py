@@ -1,0 +1,103 @@
+"""Hard cases: dynamics that are not contractive along the way, where plain DEER is known
+to blow up (the reference implementation hits its clip on each of them). Every solve here
+must either match the sequential solution or end with a clear non-successful result;
+a successful but wrong answer fails the suite. The recommended robust configuration
+must succeed."""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+import pytest
+from diffrax_deer import DEER, scan
+
+from .helpers import HARD_PROBLEMS as HARD, reference_solution, sine_wave_gru
+
+
+CONFIGS = {
+    # name: (solver, step size controller or None for one window, tolerance on success)
+    "defaults": (DEER(), None, 5e-3),
+    "elk": (DEER(method="elk"), None, 5e-3),
+    # The recommended robust configuration: short windows chosen by diffrax's
+    # controller from DEER's error estimate; failed windows are rejected and shrunk.
+    "robust": (DEER(num_points=257), diffrax.PIDController(rtol=1e-6, atol=1e-6), 1e-4),
+}
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted(HARD))
+def test_hard_ode_converges_or_fails_clearly(name, config):
+    vf, y0, args, t1 = HARD[name]
+    solver, controller, tol = CONFIGS[config]
+    ts = jnp.linspace(0.0, t1, 11)
+    kwargs = {} if controller is None else dict(stepsize_controller=controller)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(vf), solver, 0.0, t1, t1, y0, args=args,
+        saveat=diffrax.SaveAt(ts=ts, solver_state=True), throw=False, **kwargs,
+    )
+    if sol.result == diffrax.RESULTS.successful:
+        ref = reference_solution(vf, y0, args, 0.0, t1, ts)
+        err = float(jnp.max(jnp.abs(sol.ys - ref)))
+        assert err < tol, (name, config, err)
+    else:
+        assert config != "robust", (name, sol.result)
+        # Quick: a non-finite divergence stops well before `max_iters`.
+        if sol.result == diffrax.RESULTS.nonlinear_divergence:
+            assert int(sol.solver_state.last_window_iters) < solver.max_iters
+
+
+def test_finite_time_blow_up_fails_early_and_clearly():
+    # y' = y^2, y(0) = 1 blows up at t = 1: no solution on [0, 2].
+    def solve(throw):
+        return diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, args: y**2), DEER(num_points=201), 0.0, 2.0,
+            2.0, jnp.array([1.0]), saveat=diffrax.SaveAt(t1=True, solver_state=True),
+            throw=throw,
+        )
+
+    sol = solve(throw=False)
+    assert sol.result != diffrax.RESULTS.successful
+    assert int(sol.solver_state.last_window_iters) < 100
+    # diffrax's default `throw=True` raises.
+    with pytest.raises(eqx.EquinoxRuntimeError):
+        solve(throw=True)
+
+
+GRU_LENGTH = 10_000
+
+
+@pytest.fixture(scope="module")
+def gru_reference():
+    step = sine_wave_gru()
+    h0 = jnp.array([0.5, 0.0, 0.0, 0.0])
+    final, ys = jax.lax.scan(step, h0, None, length=GRU_LENGTH)
+    # It does generate a sine wave of amplitude ~0.4.
+    assert 0.3 < float(jnp.max(ys[-1000:])) < 0.5
+    return step, h0, final, ys
+
+
+@pytest.mark.parametrize("method", ["deer", "quasi-deer", "elk", "quasi-elk"])
+def test_autoregressive_gru_converges_or_fails_clearly(gru_reference, method):
+    step, h0, final_ref, ys_ref = gru_reference
+    final, ys, stats = scan(
+        step, h0, None, length=GRU_LENGTH, method=method, throw=False, return_stats=True
+    )
+    if stats.result == optx.RESULTS.successful:
+        np.testing.assert_allclose(ys, ys_ref, atol=1e-6)
+        np.testing.assert_allclose(final, final_ref, atol=1e-6)
+    else:
+        assert int(stats.num_iters) == 100
+
+
+def test_autoregressive_gru_deer_with_more_iterations(gru_reference):
+    # DEER gets there, slowly (about 170 iterations), and the diagnostic says why.
+    step, h0, final_ref, ys_ref = gru_reference
+    final, ys, stats = scan(
+        step, h0, None, length=GRU_LENGTH, method="deer", max_iters=400,
+        return_stats=True, lyapunov=True,
+    )
+    np.testing.assert_allclose(ys, ys_ref, atol=1e-8)
+    assert 100 < int(stats.num_iters) < 400
+    assert abs(float(stats.lyapunov_exponent)) < 1e-2
