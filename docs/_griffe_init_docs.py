@@ -46,7 +46,14 @@ class RuntimeInitDocstrings(griffe.Extension):
     def on_package(self, *, pkg: griffe.Module, **kwargs) -> None:
         if pkg.name not in self.packages:
             return
-        module = importlib.import_module(pkg.name)
+        try:
+            module = importlib.import_module(pkg.name)
+        except ImportError as e:
+            raise ImportError(
+                f"The API reference imports `{pkg.name}` to read the `__init__` "
+                "docstrings attached at run time; install it first, e.g. "
+                "`pip install -e \".[docs]\"`."
+            ) from e
         for name, member in list(pkg.members.items()):
             if name.startswith("_"):
                 continue

@@ -32,7 +32,7 @@ BENCHMARK_PAGE = "benchmarks.md"
 
 # Order of the benchmark result files on the page (by file-name prefix); others follow
 # alphabetically.
-RESULTS_ORDER = ("solver", "scan", "reference", "maxgrid")
+RESULTS_ORDER = ("solver", "scan", "robust", "reference", "maxgrid")
 
 
 def _notebooks() -> list[Path]:
@@ -53,7 +53,8 @@ def _notebook_title(path: Path) -> str:
             for line in text.splitlines():
                 match = re.match(r"^#{1,6}\s+(.+?)\s*#*\s*$", line)
                 if match:
-                    return match.group(1).strip()
+                    # Plain text for the navigation: drop code and emphasis markers.
+                    return re.sub(r"[`*]", "", match.group(1)).strip()
     except (OSError, ValueError) as e:
         log.warning("Cannot read notebook %s: %s", path, e)
     return path.stem.replace("_", " ").capitalize()
@@ -71,6 +72,8 @@ def _nav_item_path(item):
 
 
 def _filter_examples(items, available: dict[str, Path]):
+    """Drops notebooks that do not exist; titles the others (unless titled in
+    `mkdocs.yml`) by their first heading."""
     kept, named = [], set()
     for item in items:
         path = _nav_item_path(item)
@@ -79,6 +82,8 @@ def _filter_examples(items, available: dict[str, Path]):
                 log.info("Notebook %s not found in notebooks/: left out of the nav.", path)
                 continue
             named.add(path)
+            if isinstance(item, str):
+                item = {_notebook_title(available[path]): path}
         kept.append(item)
     return kept, named
 
@@ -167,10 +172,14 @@ def _results_markdown() -> str:
     if not files:
         parts.append("*No benchmark results are committed yet.*\n")
     for path in files:
-        text = path.read_text(encoding="utf-8")
-        parts.append(
-            f"<!-- from benchmarks/results/{path.name} -->\n" + _demote(text, 1) + "\n"
+        text = _demote(path.read_text(encoding="utf-8"), 1)
+        # Name the source file in the section heading: reruns of one benchmark (e.g. on
+        # two Python versions) share a title.
+        text = re.sub(
+            r"^## (.*)$", lambda m: f"## {m.group(1)} ({path.stem})", text, count=1,
+            flags=re.M,
         )
+        parts.append(f"<!-- from benchmarks/results/{path.name} -->\n{text}\n")
     return "\n".join(parts)
 
 

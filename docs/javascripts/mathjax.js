@@ -1,7 +1,7 @@
-// MathJax 3 configuration. Pages: pymdownx.arithmatex (generic mode) wraps maths in
-// elements of class "arithmatex" with \( \) and \[ \] delimiters. Notebooks (rendered by
-// mkdocs-jupyter) keep $...$ and $$...$$ in their Markdown cells ("jp-MarkdownOutput").
-// Only those elements are typeset; re-typeset after instant navigation.
+// MathJax 3 configuration. Pages: pymdownx.arithmatex (generic mode) emits maths with
+// \( \) and \[ \] delimiters. Notebooks (rendered by mkdocs-jupyter) keep $...$ and
+// $$...$$ in their Markdown cells. Code (<pre>, <code>) is never typeset. Re-typeset after
+// instant navigation.
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"], ["$", "$"]],
@@ -9,13 +9,12 @@ window.MathJax = {
     processEscapes: true,
     processEnvironments: true,
   },
-  options: {
-    ignoreHtmlClass: ".*|",
-    processHtmlClass: "arithmatex|jp-MarkdownOutput",
-  },
 };
 
 document$.subscribe(() => {
+  if (!window.MathJax || !MathJax.typesetPromise) {
+    return; // not loaded yet: MathJax typesets the page itself when it starts
+  }
   MathJax.startup.output.clearCache();
   MathJax.typesetClear();
   MathJax.texReset();
