@@ -19,7 +19,7 @@ returned iterate is better still.
 Gradients never go through the iterations: at the converged trajectory the implicit
 function theorem gives $\mathrm{d}y = -(\partial r/\partial y)^{-1} \partial r/\partial
 \theta\, \mathrm{d}\theta$, a block-bidiagonal solve done by
-[`diffrax_deer._lineax.TrajectoryJacobianSolver`][] with the same scan (transposed, i.e.
+`TrajectoryJacobianSolver` (`_lineax.py`) with the same scan (transposed, i.e.
 run backwards, in reverse mode). Memory and time do not grow with the number of
 iterations, and forward and reverse mode are both supported.
 """
