@@ -20,17 +20,21 @@ $J_k$ is replaced by its diagonal, the exponentials are elementwise, and the fix
 is the corresponding exponential scheme with a diagonal linear part (also 2nd order).
 """
 
+import abc
+import dataclasses
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-from diffrax import AbstractTerm
+from diffrax import AbstractLocalInterpolation, AbstractTerm
 from equinox.internal import ω
 from jaxtyping import Array, Float, PyTree, Real
 
 from ._expm import exp_phi1_diagonal, expm_phi1
+from ._interpolation import HermiteGridInterpolation
 from ._jacobian import value_and_jacobian
 from ._batched import matvec
 from ._misc import TreeFlattener
@@ -45,11 +49,68 @@ def uniform_grid(t0, t1, num_points: int) -> Real[Array, " N"]:
     return ts.at[-1].set(t1)
 
 
-class ExponentialScheme(AbstractTrajectoryProblem):
-    """The DEER paper's exponential-trapezoid scheme over one window (see module doc).
+class AbstractWindowScheme(AbstractTrajectoryProblem):
+    """A discretisation of the ODE over one window of `num_points` uniformly spaced
+    grid points from `t0` to `t1`, as a trajectory problem for the Newton layer.
 
     `terms` is the (possibly direction-wrapped) `diffrax.ODETerm`; the state is flat.
+    Besides the Newton layer's `linearise` / `residual`, a scheme gives what the diffrax
+    solver returns once the window has converged (`outputs`: dense information and,
+    where the scheme has one, its own error estimate), and copies of itself on coarser
+    grids (`coarsen`) for the coarse-grid predictor.
     """
+
+    terms: eqx.AbstractVar[AbstractTerm]
+    args: eqx.AbstractVar[PyTree]
+    t0: eqx.AbstractVar[Real[Array, ""]]
+    t1: eqx.AbstractVar[Real[Array, ""]]
+    y0: eqx.AbstractVar[Float[Array, " D"]]
+    flattener: eqx.AbstractVar[TreeFlattener]
+    num_points: eqx.AbstractVar[int]
+    jacobian: eqx.AbstractVar[Literal["dense", "diagonal"]]
+
+    @property
+    def init(self) -> Float[Array, " D"]:
+        return self.y0
+
+    @property
+    def ts(self) -> Real[Array, " N"]:
+        return uniform_grid(self.t0, self.t1, self.num_points)
+
+    @property
+    @abc.abstractmethod
+    def order(self) -> int:
+        """Order of convergence of the grid values in the grid spacing."""
+
+    @property
+    @abc.abstractmethod
+    def interpolation_cls(self) -> Callable[..., AbstractLocalInterpolation]:
+        """Called as `interpolation_cls(t0=t0, t1=t1, **dense_info)` (diffrax's
+        convention) with the `dense_info` of `outputs`."""
+
+    @abc.abstractmethod
+    def outputs(
+        self, ys_full: Float[Array, "N D"]
+    ) -> tuple[dict[str, PyTree[Array]], Float[Array, " D"] | None]:
+        """From the converged grid values (`y0` included): the window's `dense_info`
+        (a dict of fixed-shape arrays) and the scheme's own estimate of the error the
+        window adds at its end (flat), or None if it has none."""
+
+    def interpolation(self, ys_full: Float[Array, "N D"]) -> AbstractLocalInterpolation:
+        """Dense output of the window from its grid values (PyTree states)."""
+        dense_info, _ = self.outputs(ys_full)
+        return self.interpolation_cls(t0=self.t0, t1=self.t1, **dense_info)
+
+    def coarsen(self, num_points: int) -> "AbstractWindowScheme":
+        """The same scheme over the same window on a grid of `num_points` points."""
+        return dataclasses.replace(self, num_points=num_points)
+
+
+class ExponentialScheme(AbstractWindowScheme):
+    """The DEER paper's exponential-trapezoid scheme over one window (see module doc).
+    Dense output: cubic Hermite from the grid values and increments. No error
+    estimate of its own (the solver uses Richardson extrapolation against the
+    coarse-grid predictor)."""
 
     terms: AbstractTerm
     args: PyTree
@@ -61,14 +122,11 @@ class ExponentialScheme(AbstractTrajectoryProblem):
     jacobian: Literal["dense", "diagonal"] = eqx.field(static=True)
     exact_jacobian: ClassVar[bool] = False
     explicit_recurrence: ClassVar[bool] = False
+    interpolation_cls: ClassVar[type] = HermiteGridInterpolation
 
     @property
-    def init(self) -> Float[Array, " D"]:
-        return self.y0
-
-    @property
-    def ts(self) -> Real[Array, " N"]:
-        return uniform_grid(self.t0, self.t1, self.num_points)
+    def order(self) -> int:
+        return 2
 
     def _increment(self, t, y: Float[Array, " D"]) -> Float[Array, " D"]:
         # Delta * f(t, y), through `vf_prod` so that diffrax's time-direction wrapping
@@ -80,6 +138,11 @@ class ExponentialScheme(AbstractTrajectoryProblem):
     def increments(self, ys_full: Float[Array, "N D"]) -> Float[Array, "N D"]:
         """$F_k = \\Delta f(t_k, y_k)$ at every grid point."""
         return jax.vmap(self._increment)(self.ts, ys_full)
+
+    def outputs(self, ys_full):
+        unravel = self.flattener.unravel_stacked
+        fs = self.increments(ys_full)
+        return dict(ts=self.ts, ys=unravel(ys_full), fs=unravel(fs)), None
 
     def linearise(self, ys):
         ys_full = jnp.concatenate([self.y0[None], ys])

@@ -3,9 +3,10 @@ r"""Initial guesses for a window's Newton iteration.
 Newton's method converges quadratically once it is close; from a constant guess it can
 spend many iterations getting there (oscillating dynamics: tens of iterations) or not
 get there at all. The *coarse-grid predictor* (nested iteration, as in multigrid) solves
-the same window on a grid `factor` times coarser -- recursively, down to a few dozen
-intervals -- and interpolates that solution (cubic Hermite) onto the finer grid as its
-initial guess. Each coarse level costs about `1/factor` of the level above, and the fine
+the same window with the same scheme on a grid `factor` times coarser -- recursively,
+down to a few dozen intervals -- and interpolates that solution (with the scheme's own
+dense output: cubic Hermite for the exponential scheme, the solver's interpolation for a
+Runge--Kutta one) onto the finer grid as its initial guess. Each coarse level costs about `1/factor` of the level above, and the fine
 level then typically needs two or three iterations.
 
 The guess changes only how fast Newton converges, never the answer: the converged
@@ -21,8 +22,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from ._discretisation import ExponentialScheme
-from ._interpolation import HermiteGridInterpolation
+from ._discretisation import AbstractWindowScheme
 from ._newton import is_successful, newton_iterations
 
 
@@ -38,13 +38,13 @@ def coarse_intervals(
     return n if n >= min_intervals else None
 
 
-def constant_guess(problem: ExponentialScheme) -> Float[Array, "T D"]:
+def constant_guess(problem: AbstractWindowScheme) -> Float[Array, "T D"]:
     """The initial state repeated over the window (the DEER paper's choice)."""
     return jnp.broadcast_to(problem.y0, (problem.num_points - 1, problem.y0.size))
 
 
 def coarse_grid_guess(
-    problem: ExponentialScheme,
+    problem: AbstractWindowScheme,
     *,
     rtol: float,
     atol: float,
@@ -67,16 +67,7 @@ def coarse_grid_guess(
     # The guess is never differentiated: keep autodiff out of the coarse solves.
     dynamic, static = eqx.partition(problem, eqx.is_inexact_array)
     problem = eqx.combine(lax.stop_gradient(dynamic), static)
-    coarse = ExponentialScheme(
-        terms=problem.terms,
-        args=problem.args,
-        t0=problem.t0,
-        t1=problem.t1,
-        y0=problem.y0,
-        flattener=problem.flattener,
-        num_points=n_coarse + 1,
-        jacobian=problem.jacobian,
-    )
+    coarse = problem.coarsen(n_coarse + 1)
     guess, coarser_iters, _ = coarse_grid_guess(
         coarse,
         rtol=rtol,
@@ -92,14 +83,9 @@ def coarse_grid_guess(
         damping=damping,
     )
     ys_full = jnp.concatenate([coarse.y0[None], ys])
-    interp = HermiteGridInterpolation(
-        t0=coarse.t0,
-        t1=coarse.t1,
-        ts=coarse.ts,
-        ys=ys_full,
-        fs=coarse.increments(ys_full),
-    )
-    fine = jax.vmap(interp.evaluate)(problem.ts[1:])
+    interp = coarse.interpolation(ys_full)
+    ravel = problem.flattener.ravel
+    fine = jax.vmap(lambda t: ravel(interp.evaluate(t)))(problem.ts[1:])
     ok = is_successful(stats) & jnp.all(jnp.isfinite(fine))
     guess = jnp.where(ok, fine, constant_guess(problem))
     return guess, coarser_iters + stats.num_iters, ok

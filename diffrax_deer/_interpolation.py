@@ -1,29 +1,39 @@
-r"""Dense output inside one DEER window: piecewise cubic Hermite interpolation.
+r"""Dense output inside one DEER window of `N` uniformly spaced grid points.
 
-On grid interval $[t_k, t_{k+1}]$ with $s = (t - t_k)/\Delta$,
+Two interpolations, one per discretisation (see [`diffrax_deer.DEER`][]):
 
-$$y(t) = h_{00}(s)\, y_k + h_{10}(s)\, F_k + h_{01}(s)\, y_{k+1} + h_{11}(s)\, F_{k+1},$$
+- `HermiteGridInterpolation` (the exponential scheme): piecewise cubic Hermite. On grid
+  interval $[t_k, t_{k+1}]$ with $s = (t - t_k)/\Delta$,
 
-where $F_k = \Delta f(t_k, y_k)$ are the vector-field increments at the converged grid
-values. Its error is $O(\Delta^4)$, below the $O(\Delta^2)$ error of the grid values, so
-dense output keeps the scheme's accuracy.
+  $$y(t) = h_{00}(s)\, y_k + h_{10}(s)\, F_k + h_{01}(s)\, y_{k+1} + h_{11}(s)\, F_{k+1},$$
+
+  where $F_k = \Delta f(t_k, y_k)$ are the vector-field increments at the converged grid
+  values. Its error is $O(\Delta^4)$, below the $O(\Delta^2)$ error of the grid values,
+  so dense output keeps the scheme's accuracy.
+- `RungeKuttaGridInterpolation` (a Runge--Kutta discretisation): on each grid interval,
+  the Runge--Kutta solver's *own* local interpolation (e.g. Tsit5's 4th-order
+  polynomial, built from that step's stages), exactly as diffrax's sequential solver
+  with a constant step size would give it.
+
+Both locate the interval of `t` the same way (`_AbstractGridInterpolation._locate`).
 """
 
+from collections.abc import Callable
+
+import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from diffrax import AbstractLocalInterpolation
 from jaxtyping import Array, PyTree, Real
 
 
-class HermiteGridInterpolation(AbstractLocalInterpolation):
-    """Cubic Hermite interpolation over a uniform, increasing grid of `N` points (diffrax
-    hands solvers increasing times, also when integrating backwards)."""
+class _AbstractGridInterpolation(AbstractLocalInterpolation):
+    """Interpolation over a uniform, increasing grid `ts` of `N` points (diffrax hands
+    solvers increasing times, also when integrating backwards)."""
 
-    t0: Real[Array, ""]
-    t1: Real[Array, ""]
-    ts: Real[Array, " N"]
-    ys: PyTree[Array]  # leaves (N, ...)
-    fs: PyTree[Array]  # increments Delta * f(t_k, y_k), leaves (N, ...)
+    t0: eqx.AbstractVar[Real[Array, ""]]
+    t1: eqx.AbstractVar[Real[Array, ""]]
+    ts: eqx.AbstractVar[Real[Array, " N"]]
 
     def _locate(self, t):
         # The grid is uniform: the interval index is arithmetic, then corrected by one
@@ -39,6 +49,17 @@ class HermiteGridInterpolation(AbstractLocalInterpolation):
         tb = self.ts[k + 1]
         s = (t - ta) / (tb - ta)
         return k, s, tb - ta
+
+
+class HermiteGridInterpolation(_AbstractGridInterpolation):
+    """Cubic Hermite interpolation from the grid values and increments (see module
+    doc)."""
+
+    t0: Real[Array, ""]
+    t1: Real[Array, ""]
+    ts: Real[Array, " N"]
+    ys: PyTree[Array]  # leaves (N, ...)
+    fs: PyTree[Array]  # increments Delta * f(t_k, y_k), leaves (N, ...)
 
     def _eval(self, t):
         k, s, _ = self._locate(t)
@@ -70,3 +91,33 @@ class HermiteGridInterpolation(AbstractLocalInterpolation):
             return (d00 * y[k] + d10 * f[k] + d01 * y[k + 1] + d11 * f[k + 1]) / delta
 
         return jtu.tree_map(leaf, self.ys, self.fs)
+
+
+class RungeKuttaGridInterpolation(_AbstractGridInterpolation):
+    """A Runge--Kutta solver's own local interpolation on every grid interval.
+
+    `infos` holds the `dense_info` of the solver's `step` over each interval, stacked
+    (leaves `(N - 1, ...)`); `local_cls` is the solver's `interpolation_cls`, called as
+    diffrax calls it: `local_cls(t0=t_k, t1=t_{k+1}, **infos[k])`.
+    """
+
+    t0: Real[Array, ""]
+    t1: Real[Array, ""]
+    ts: Real[Array, " N"]
+    infos: PyTree[Array]
+    local_cls: Callable[..., AbstractLocalInterpolation] = eqx.field(static=True)
+
+    def _local(self, t) -> AbstractLocalInterpolation:
+        k, _, _ = self._locate(t)
+        info = jtu.tree_map(lambda x: x[k], self.infos)
+        return self.local_cls(t0=self.ts[k], t1=self.ts[k + 1], **info)
+
+    def evaluate(self, t0, t1=None, left: bool = True) -> PyTree[Array]:
+        del left
+        if t1 is None:
+            return self._local(t0).evaluate(t0)
+        return jtu.tree_map(lambda a, b: a - b, self.evaluate(t1), self.evaluate(t0))
+
+    def derivative(self, t, left: bool = True) -> PyTree[Array]:
+        del left
+        return self._local(t).derivative(t)

@@ -16,11 +16,16 @@ from jaxtyping import Array, Float, Int, PyTree
 # are not exported, so we recognise them from diffrax's private module.
 from diffrax._term import AdjointTerm, WrapTerm
 
-from ._discretisation import ExponentialScheme
+from ._discretisation import AbstractWindowScheme, ExponentialScheme
 from ._initial_guess import coarse_grid_guess, coarse_intervals, constant_guess
-from ._interpolation import HermiteGridInterpolation
 from ._misc import default_tolerance, TreeFlattener
 from ._newton import is_successful, solve_trajectory, with_lyapunov_exponent
+from ._runge_kutta import (
+    check_runge_kutta,
+    has_embedded_error,
+    runge_kutta_interpolation,
+    RungeKuttaScheme,
+)
 
 
 # method -> (Jacobian structure, trust-region damping?)
@@ -33,7 +38,7 @@ _METHODS = {
 
 
 class DEERState(eqx.Module):
-    """Diagnostics carried between windows; read them with
+    r"""Diagnostics carried between windows; read them with
     `diffeqsolve(..., saveat=diffrax.SaveAt(..., solver_state=True))` as
     `sol.solver_state`.
 
@@ -161,9 +166,9 @@ class DEER(diffrax.AbstractSolver):
     # Not static: a callable guess may hold arrays (e.g. a previous `diffrax.Solution`).
     initial_guess: Literal["coarse", "constant"] | Callable = "coarse"
     lyapunov: bool = eqx.field(static=True, default=False)
+    discretisation: diffrax.AbstractSolver | None = eqx.field(static=True, default=None)
 
     term_structure: ClassVar = AbstractTerm
-    interpolation_cls: ClassVar = HermiteGridInterpolation
 
     def __check_init__(self):
         if not isinstance(self.num_points, int) or self.num_points < 2:
@@ -193,15 +198,42 @@ class DEER(diffrax.AbstractSolver):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"`{name}` must be positive; got {value}.")
+        if self.discretisation is not None:
+            check_runge_kutta(self.discretisation)
+
+    def _scheme(self, terms, args, t0, t1, y0, flattener) -> AbstractWindowScheme:
+        """The discretisation of one window from `t0` to `t1` (flat state `y0`)."""
+        common = dict(
+            terms=terms, args=args, t0=jnp.asarray(t0), t1=jnp.asarray(t1), y0=y0,
+            flattener=flattener, num_points=self.num_points,
+            jacobian=_METHODS[self.method][0],
+        )
+        if self.discretisation is None:
+            return ExponentialScheme(**common)
+        return RungeKuttaScheme(solver=self.discretisation, **common)
+
+    @property
+    def interpolation_cls(self):
+        # Depends on the discretisation: cubic Hermite, or the Runge--Kutta solver's own
+        # interpolation on every grid interval.
+        if self.discretisation is None:
+            return ExponentialScheme.interpolation_cls
+        return runge_kutta_interpolation(self.discretisation)
 
     def order(self, terms) -> int:
-        return 2
+        if self.discretisation is None:
+            return 2
+        return self.discretisation.order(terms)
 
     def error_order(self, terms) -> int:
-        # The window's error estimate (see `step`) scales like dt^3 for a window of
-        # length dt with a fixed number of points: (num_points - 1) local errors of
-        # order (dt / (num_points - 1))^3.
-        return 3
+        # The window's error estimate (see `step`) for a window of length dt with a
+        # fixed number N of points: with an embedded Runge--Kutta estimate, the sum of
+        # N - 1 step estimates of order (dt / (N - 1))^q, so q = the solver's own error
+        # order; by Richardson extrapolation, the grid values' error at the window's
+        # end, N - 1 local errors of order (dt / (N - 1))^(p + 1), so p + 1.
+        if self.discretisation is not None and has_embedded_error(self.discretisation):
+            return self.discretisation.error_order(terms)
+        return self.order(terms) + 1
 
     def init(self, terms, t0, t1, y0, args) -> DEERState:
         _ode_term(terms)
@@ -229,16 +261,7 @@ class DEER(diffrax.AbstractSolver):
             "`diffrax_deer.DEER` got a non-finite (NaN or inf) initial state `y0`.",
         )
         rtol, atol = self._tolerances(flattener.dtype)
-        problem = ExponentialScheme(
-            terms=terms,
-            args=args,
-            t0=jnp.asarray(t0),
-            t1=jnp.asarray(t1),
-            y0=y0_flat,
-            flattener=flattener,
-            num_points=self.num_points,
-            jacobian=_METHODS[self.method][0],
-        )
+        problem = self._scheme(terms, args, t0, t1, y0_flat, flattener)
         damping = self.initial_damping if _METHODS[self.method][1] else None
         coarse_iters = jnp.array(0, jnp.int32)
         if callable(self.initial_guess):
@@ -260,25 +283,25 @@ class DEER(diffrax.AbstractSolver):
             damping=damping,
         )
         ys_full = jnp.concatenate([y0_flat[None], ys])
-        fs = problem.increments(ys_full)
-        dense_info = dict(
-            ts=problem.ts,
-            ys=flattener.unravel_stacked(ys_full),
-            fs=flattener.unravel_stacked(fs),
-        )
+        dense_info, error = problem.outputs(ys_full)
         y1 = flattener.unravel(ys[-1])
-        y_error = None
+        # A window whose Newton iteration failed (or whose error estimate could not be
+        # computed) gets an infinite error, so that an adaptive controller rejects it
+        # and retries it shorter.
+        valid = is_successful(stats)
         n_coarse = coarse_intervals(self.num_points)
-        if isinstance(self.initial_guess, str) and self.initial_guess == "coarse" and (
-            n_coarse is not None
+        if error is None and isinstance(self.initial_guess, str) and (
+            self.initial_guess == "coarse" and n_coarse is not None
         ):
-            # Richardson: the scheme is 2nd order, so the fine end state's error is
-            # about (fine - coarse) / (r^2 - 1) for the spacing ratio r. A window whose
-            # Newton iteration failed (or whose coarse solve failed) gets an infinite
-            # error, so that an adaptive controller rejects it and retries it shorter.
+            # Richardson: for a scheme of order p the fine solution's error is about
+            # (fine - coarse) / (r^p - 1) for the spacing ratio r. Taken as the max
+            # over the window, not only at its end: a long window can carry a large
+            # error in its middle that contractive dynamics have damped by its end.
             ratio = (self.num_points - 1) / n_coarse
-            error = (ys[-1] - guess[-1]) / (ratio**2 - 1)
-            valid = coarse_ok & is_successful(stats)
+            error = jnp.max(jnp.abs(ys - guess), axis=0) / (ratio**problem.order - 1)
+            valid = valid & coarse_ok
+        y_error = None
+        if error is not None:
             y_error = flattener.unravel(jnp.where(valid, error, jnp.inf))
         iters = stats.num_iters
         lyapunov = solver_state.lyapunov_exponent
