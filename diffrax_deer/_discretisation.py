@@ -1,5 +1,9 @@
 r"""ODE discretisations that turn `(term, window)` into a trajectory problem.
 
+`AbstractWindowScheme` is what the solver and the coarse-grid predictor need from a
+discretisation; the schemes are the exponential scheme below and the explicit
+Runge--Kutta maps of `_runge_kutta.py`.
+
 The exponential scheme of the DEER paper (Lim et al., 2024). On a uniform grid
 $t_0 < \dots < t_{N-1}$ with spacing $\Delta$, write $F_k = \Delta f(t_k, y_k)$ and
 $J_k = \partial F_k / \partial y_k$ (both scaled by $\Delta$). Linearising $f$ about the

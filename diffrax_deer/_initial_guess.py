@@ -6,8 +6,9 @@ get there at all. The *coarse-grid predictor* (nested iteration, as in multigrid
 the same window with the same scheme on a grid `factor` times coarser -- recursively,
 down to a few dozen intervals -- and interpolates that solution (with the scheme's own
 dense output: cubic Hermite for the exponential scheme, the solver's interpolation for a
-Runge--Kutta one) onto the finer grid as its initial guess. Each coarse level costs about `1/factor` of the level above, and the fine
-level then typically needs two or three iterations.
+Runge--Kutta one) onto the finer grid as its initial guess. Each coarse level costs
+about `1/factor` of the level above, and the fine level then typically needs two or
+three iterations.
 
 The guess changes only how fast Newton converges, never the answer: the converged
 trajectory is the fixed point of the fine grid's scheme, and gradients never depend on

@@ -16,10 +16,12 @@ J_k = \partial \Phi / \partial y\, (t_k, t_{k+1}, \bar y_k),$$
 
 and solves that linear recurrence for every $k$ at once with the parallel scan; its
 fixed point is, to round-off, the trajectory of the sequential solver with
-`diffrax.ConstantStepSize` on the same grid. Nothing about the method is re-implemented
-here: $\Phi$ *is* the diffrax solver's own `step` (batched over the grid intervals with
-`jax.vmap`, its Jacobian by forward-mode autodiff), so its error estimate and dense
-output come with it:
+`diffrax.ConstantStepSize` on the same grid. No coefficient is copied here: $\Phi$ is
+evaluated from the solver's own `tableau` (its stages unrolled, batched over the grid
+intervals with `jax.vmap`, its Jacobian by forward-mode autodiff), computing what the
+solver's own `step` computes -- next state, embedded error estimate and `dense_info`
+-- so the solver's error estimate and interpolation come with it. (`diffrax.Euler`,
+which has no tableau, is stepped by its own `step`.)
 
 - error: the tableau's embedded estimate $e_k$ of every step, accumulated over the
   window as $\sum_k |e_k|$ (componentwise): a bound on the local errors the window
@@ -49,7 +51,9 @@ from ._jacobian import value_and_jacobian
 from ._misc import TreeFlattener
 
 
-_EXAMPLES = "e.g. `diffrax.Tsit5()`, `diffrax.Dopri5()`, `diffrax.Heun()`, `diffrax.Euler()`"
+_EXAMPLES = (
+    "e.g. `diffrax.Tsit5()`, `diffrax.Dopri5()`, `diffrax.Heun()`, `diffrax.Euler()`"
+)
 
 
 def check_runge_kutta(solver) -> None:

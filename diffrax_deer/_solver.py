@@ -125,18 +125,24 @@ class DEER(diffrax.AbstractSolver):
     exponential and one parallel associative scan (see
     [`diffrax_deer.linear_recurrence`][]). The converged grid values are those of the
     paper's exponential-trapezoid scheme, 2nd order in the grid spacing; dense output is
-    cubic Hermite. Gradients (forward and reverse mode, both `RecursiveCheckpointAdjoint`
-    and `DirectAdjoint`) come from the implicit function theorem at the converged
-    trajectory: they are the exact derivatives of the discrete solution, and cost one
-    extra parallel solve regardless of the number of Newton iterations.
+    cubic Hermite. Or, with `discretisation=` an explicit Runge--Kutta solver of diffrax
+    (e.g. `diffrax.Tsit5()`), they are those of that solver with a constant step equal
+    to the grid spacing, $y_{k+1} = \Phi(t_k, t_{k+1}, y_k)$ with $\Phi$ one step of
+    its tableau, found by Newton with the exact Jacobian of $\Phi$; the order, error
+    estimate and dense output are then the solver's own. Gradients (forward and
+    reverse mode, both `RecursiveCheckpointAdjoint` and `DirectAdjoint`) come from the
+    implicit function theorem at the converged trajectory: they are the exact
+    derivatives of the discrete solution, and cost one extra parallel solve regardless
+    of the number of Newton iterations.
 
     **Choosing `num_points`.** The grid spacing is `dt0 / (num_points - 1)`. Accuracy
     is that of a 2nd-order method on that grid (error roughly proportional to the
-    spacing squared). Parallel speed comes from long windows on parallel hardware:
-    pass `dt0 = t1 - t0` for one window over the whole interval; pass a smaller `dt0`
-    to chain windows one after the other, e.g. for long horizons or non-contractive
-    (chaotic, oscillating) dynamics, where Newton needs more iterations on long
-    windows.
+    spacing squared), or of the Runge--Kutta `discretisation` (e.g. 5th order: halving
+    the spacing divides the error by 32). Parallel speed comes from long windows on
+    parallel hardware: pass `dt0 = t1 - t0` for one window over the whole interval;
+    pass a smaller `dt0` to chain windows one after the other, e.g. for long horizons
+    or non-contractive (chaotic, oscillating) dynamics, where Newton needs more
+    iterations on long windows.
 
     !!! example
 
@@ -151,6 +157,14 @@ class DEER(diffrax.AbstractSolver):
         )
         sol.ys                          # (50, 2)
         sol.solver_state.total_iters    # Newton iterations taken
+
+        # Tsit5's fixed-step map on windows of 65 points, window lengths chosen by
+        # diffrax's controller from Tsit5's embedded error estimates:
+        sol = diffrax.diffeqsolve(
+            term, diffrax_deer.DEER(num_points=65, discretisation=diffrax.Tsit5()),
+            t0=0.0, t1=10.0, dt0=None, y0=jnp.array([1.0, 2.0]), args=0.5,
+            stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8),
+        )
         ```
     """
 
@@ -359,9 +373,25 @@ DEER.__init__.__doc__ = r"""**Arguments:**
     `initial_guess=previous_sol.evaluate` with the solution of the same trajectory at
     the previous training step (its `SaveAt(dense=True)`), so that Newton needs one or
     two iterations. The guess affects only speed and robustness, never the converged
-    answer or its gradients. Only `"coarse"` gives an error estimate (for adaptive
-    step size controllers); with the others use `diffrax.ConstantStepSize`.
+    answer or its gradients. With the exponential scheme only `"coarse"` gives an
+    error estimate (for adaptive step size controllers); with the others use
+    `diffrax.ConstantStepSize`.
 - `lyapunov`: also estimate the largest Lyapunov exponent of each window's trajectory
     (one extra Jacobian evaluation and scan per window), reported (averaged over
     windows) in `DEERState.lyapunov_exponent`. Default False.
+- `discretisation`: the scheme on the grid. `None` (default): the exponential scheme
+    above. Or an explicit Runge--Kutta solver of diffrax (any `diffrax.AbstractERK`
+    with an explicit tableau: `Tsit5()`, `Dopri5()`, `Dopri8()`, `Bosh3()`, `Heun()`,
+    `Midpoint()`, `Ralston()`, ...; or `Euler()`): the grid values are then those of
+    `diffeqsolve(..., solver, stepsize_controller=diffrax.ConstantStepSize(),
+    dt0=<grid spacing>)`, to the Newton tolerance. Its map is an explicit recurrence,
+    so Newton uses the exact Jacobian of one step (its diagonal with
+    `method="quasi-deer"`) and converges in at most `num_points - 1` iterations from
+    any guess. Order, error estimate and dense output are the solver's:
+    `y_error` is its embedded estimate summed (in absolute value) over the window's
+    steps, so `error_order` is the solver's own (for `Euler`, which has none:
+    Richardson against the coarse grid, as for the exponential scheme); dense output
+    is the solver's own interpolation on each grid interval (e.g. Tsit5's 4th-order
+    polynomial). Implicit, SDE, wrapped and other non-Runge--Kutta solvers raise a
+    `TypeError`.
 """
