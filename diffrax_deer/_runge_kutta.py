@@ -156,22 +156,24 @@ class RungeKuttaScheme(AbstractWindowScheme):
                 self.terms, ta, tb, unravel(y), self.args, state, made_jump=False
             )
             return ravel(y1), y_error, dense_info
-        # An explicit tableau: the stages unrolled, straight from the solver's
-        # `tableau`. (Calling its `step` would run them in diffrax's stage loop, whose
-        # one kind that supports both autodiff modes measured 3-4x slower here, and
-        # slower to compile.) The stage times, increments, error estimate and
-        # `dense_info` are those of diffrax's `AbstractRungeKutta.step`.
+        # An explicit tableau: its stages unrolled, straight from the solver's
+        # `tableau`, computing what diffrax's `AbstractRungeKutta.step` computes (stage
+        # times, increments, embedded error estimate, `dense_info`). Its `step` itself
+        # runs the stages in a loop, and the one kind of that loop which supports both
+        # autodiff modes (`scan_kind="bounded"`) measured 3-4x slower here, and slower
+        # to compile. Coefficients enter as Python floats (weakly typed: the state's
+        # precision is kept).
         tableau = self.solver.tableau
         control = self.terms.contr(ta, tb)
         dt = tb - ta
 
         def increment(c, z):
-            t = tb if c == 1 else ta + c * dt
+            t = tb if c == 1 else ta + float(c) * dt
             return ravel(self.terms.vf_prod(t, unravel(z), self.args, control))
 
         def combine(coeffs, ks):
-            terms = [float(a) * k for a, k in zip(coeffs, ks) if a != 0]
-            return sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+            parts = [float(a) * k for a, k in zip(coeffs, ks) if a != 0]
+            return sum(parts[1:], parts[0]) if parts else jnp.zeros_like(y)
 
         ks = [increment(tableau.c1, y)]
         for c, a in zip(tableau.c, tableau.a_lower):
