@@ -62,12 +62,13 @@ REPEATS = 3
 MAX_TOTAL_S = 10.0
 
 
-def _result_name(result, successful) -> str:
-    if bool(result == successful):
-        return "successful"
-    for name in ("nonlinear_divergence", "nonlinear_max_steps_reached", "max_steps_reached"):
-        enum = getattr(type(successful), name, None)
-        if enum is not None and bool(result == enum):
+def _result_name(result, results) -> str:
+    """`result`'s name in the `RESULTS` enumeration `results` (diffrax's or optimistix's)."""
+    for name in (
+        "successful", "nonlinear_divergence", "nonlinear_max_steps_reached",
+        "max_steps_reached",
+    ):
+        if hasattr(results, name) and bool(result == getattr(results, name)):
             return name
     return "failed"
 
@@ -101,7 +102,7 @@ def ode_case(name, config, method):
     timing = time_call(compiled.fn, y0, repeats=REPEATS, max_total_s=MAX_TOTAL_S)
     ys, result, iters, windows = timing.output
     ref = reference_solution(vf, y0, args, 0.0, t1, jnp.linspace(0, t1, 101))
-    status = _result_name(result, diffrax.RESULTS.successful)
+    status = _result_name(result, diffrax.RESULTS)
     return dict(
         problem=name,
         config=config if is_deer else f"{config} (sequential)",
@@ -136,7 +137,7 @@ def gru_case(method, max_iters):
         ys, status, iters = timing.output, "successful", None
     else:
         ys, result, iters = timing.output
-        status = _result_name(result, optx.RESULTS.successful)
+        status = _result_name(result, optx.RESULTS)
         iters = int(iters)
     return dict(
         problem=f"sine-wave GRU, T={GRU_LENGTH}",
