@@ -243,8 +243,8 @@ class DEER(diffrax.AbstractSolver):
         # The window's error estimate (see `step`) for a window of length dt with a
         # fixed number N of points: with an embedded Runge--Kutta estimate, the sum of
         # N - 1 step estimates of order (dt / (N - 1))^q, so q = the solver's own error
-        # order; by Richardson extrapolation, the grid values' error at the window's
-        # end, N - 1 local errors of order (dt / (N - 1))^(p + 1), so p + 1.
+        # order; by Richardson extrapolation, the grid values' error over the window,
+        # N - 1 local errors of order (dt / (N - 1))^(p + 1), so p + 1.
         if self.discretisation is not None and has_embedded_error(self.discretisation):
             return self.discretisation.error_order(terms)
         return self.order(terms) + 1
