@@ -34,12 +34,27 @@ def _apply_carriage_returns(text: str) -> str:
 
 
 def _clean_outputs(nb) -> None:
+    """Merge consecutive stream outputs of a cell and resolve their carriage returns,
+    so that a progress bar is stored as its final state."""
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
+        merged = []
         for output in cell.get("outputs", []):
+            previous = merged[-1] if merged else None
+            if (
+                output.get("output_type") == "stream"
+                and previous is not None
+                and previous.get("output_type") == "stream"
+                and previous.get("name") == output.get("name")
+            ):
+                previous["text"] += output["text"]
+            else:
+                merged.append(output)
+        for output in merged:
             if output.get("output_type") == "stream":
                 output["text"] = _apply_carriage_returns(output["text"])
+        cell["outputs"] = merged
 
 
 def run(name: str, size: str, write: bool, timeout: int) -> float:
