@@ -61,9 +61,12 @@ AUTO_DENSE_MAX_ENTRIES = 2**24
 _NOT_CONVERGED = (
     "`diffrax_deer.scan`: the parallel ({method}) evaluation did not converge within "
     "`max_iters={max_iters}` Newton iterations. The recurrence may be expansive or "
-    "chaotic over this sequence length. Increase `max_iters`, use "
-    "`method='sequential'` (a plain `jax.lax.scan`), or pass `throw=False` (with "
-    "`return_stats=True`) to get the unconverged result and its diagnostics."
+    "chaotic over this sequence length, or the initial guess far off (the first "
+    "linearisation can overshoot). Pass a warm start (`guess=`, e.g. the carries "
+    "of the previous training step), increase `max_iters` (the sequence length "
+    "always suffices), use `method='sequential'` (a plain `jax.lax.scan`), or pass "
+    "`throw=False` (with `return_stats=True`) to get the unconverged result and its "
+    "diagnostics."
 )
 _DIVERGED = (
     "`diffrax_deer.scan`: the parallel ({method}) evaluation diverged: its iterates "
