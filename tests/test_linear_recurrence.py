@@ -68,26 +68,32 @@ def test_transpose_is_adjoint_of_forward():
     # <L^{-1} b, g> = <b, L^{-T} g> exactly what reverse-mode differentiation relies on.
     A, b, _ = _random("dense", T=17, D=4, seed=2)
     g = jax.random.normal(jax.random.PRNGKey(3), b.shape)
-    lhs = jnp.sum(linear_recurrence(A, b) * g)
-    rhs = jnp.sum(b * linear_recurrence(A, g, transpose=True))
+    forward = jax.jit(linear_recurrence)
+    backward = jax.jit(lambda A, b: linear_recurrence(A, b, transpose=True))
+    lhs = jnp.sum(forward(A, b) * g)
+    rhs = jnp.sum(b * backward(A, g))
     np.testing.assert_allclose(lhs, rhs, rtol=1e-12)
     # and autodiff of the forward scan agrees with the transposed scan
-    grad_b = jax.grad(lambda b: jnp.sum(linear_recurrence(A, b, method="associative") * g))(b)
-    np.testing.assert_allclose(grad_b, linear_recurrence(A, g, transpose=True), atol=1e-12)
+    grad_b = jax.jit(
+        jax.grad(lambda b: jnp.sum(linear_recurrence(A, b, method="associative") * g))
+    )(b)
+    np.testing.assert_allclose(grad_b, backward(A, g), atol=1e-12)
 
 
 @pytest.mark.parametrize("T", [1, 2, 1_007])
 def test_lengths_and_jit(T):
     # Lengths that are not a multiple of any chunk size, including a single step.
+    # (Everything under jit: op-by-op dispatch of a 1007-step scan is slow.)
     A, b, x0 = _random("dense", T=T, D=2, seed=4)
-    expected = sequential_linear_recurrence(A, b, x0)
+    expected = jax.jit(sequential_linear_recurrence)(A, b, x0)
+    expected_transpose = jax.jit(
+        lambda A, b: sequential_linear_recurrence(A, b, transpose=True)
+    )(A, b)
     for method in ["associative", "chunked"]:
         x = jax.jit(lambda A, b, x0: linear_recurrence(A, b, x0, method=method))(A, b, x0)
         np.testing.assert_allclose(x, expected, atol=1e-10)
-        lam = linear_recurrence(A, b, transpose=True, method=method)
-        np.testing.assert_allclose(
-            lam, sequential_linear_recurrence(A, b, transpose=True), atol=1e-10
-        )
+        lam = jax.jit(lambda A, b: linear_recurrence(A, b, transpose=True, method=method))(A, b)
+        np.testing.assert_allclose(lam, expected_transpose, atol=1e-10)
 
 
 def test_shape_errors():
