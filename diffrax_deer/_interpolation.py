@@ -5,11 +5,13 @@ Two interpolations, one per discretisation (see [`diffrax_deer.DEER`][]):
 - `HermiteGridInterpolation` (the exponential scheme): piecewise cubic Hermite. On grid
   interval $[t_k, t_{k+1}]$ with $s = (t - t_k)/\Delta$,
 
-  $$y(t) = h_{00}(s)\, y_k + h_{10}(s)\, F_k + h_{01}(s)\, y_{k+1} + h_{11}(s)\, F_{k+1},$$
+  $$y(t) = h_{00}(s)\, y_k + \Delta h_{10}(s)\, f_k + h_{01}(s)\, y_{k+1}
+  + \Delta h_{11}(s)\, f_{k+1},$$
 
-  where $F_k = \Delta f(t_k, y_k)$ are the vector-field increments at the converged grid
-  values. Its error is $O(\Delta^4)$, below the $O(\Delta^2)$ error of the grid values,
-  so dense output keeps the scheme's accuracy.
+  where $f_k = f(t_k, y_k)$ are the slopes at the converged grid values. Its error is
+  $O(\Delta^4)$, below the $O(\Delta^2)$ error of the grid values, so dense output keeps
+  the scheme's accuracy. Zero-length intervals (a window diffrax makes one ulp long)
+  are evaluated at their left end, with slope $f_k$.
 - `RungeKuttaGridInterpolation` (a Runge--Kutta discretisation): on each grid interval,
   the Runge--Kutta solver's *own* local interpolation (e.g. Tsit5's 4th-order
   polynomial, built from that step's stages), exactly as diffrax's sequential solver
@@ -27,6 +29,12 @@ from diffrax import AbstractLocalInterpolation
 from jaxtyping import Array, PyTree, Real
 
 
+def _safe_divide(a, b):
+    """`a / b`, and 0 where `b == 0` (with finite derivatives there too)."""
+    nonzero = b != 0
+    return jnp.where(nonzero, a / jnp.where(nonzero, b, 1), 0)
+
+
 class _AbstractGridInterpolation(AbstractLocalInterpolation):
     """Interpolation over a uniform, increasing grid `ts` of `N` points (diffrax hands
     solvers increasing times, also when integrating backwards)."""
@@ -38,35 +46,36 @@ class _AbstractGridInterpolation(AbstractLocalInterpolation):
     def _locate(self, t):
         # The grid is uniform: the interval index is arithmetic, then corrected by one
         # either way against the stored times (robust to rounding; cheaper than a
-        # binary search when interpolating a whole fine grid).
+        # binary search when interpolating a whole fine grid). A window (or interval)
+        # of zero length, which diffrax produces when `t0 + (t1 - t0)` rounds below
+        # `t1`, gives `s = 0` rather than 0/0.
         n = self.ts.shape[0]
         t_first, t_last = self.ts[0], self.ts[-1]
-        k = jnp.floor((t - t_first) / (t_last - t_first) * (n - 1)).astype(jnp.int32)
+        frac = _safe_divide(t - t_first, t_last - t_first)
+        k = jnp.floor(frac * (n - 1)).astype(jnp.int32)
         k = jnp.clip(k, 0, n - 2)
         k = jnp.where(t < self.ts[k], k - 1, jnp.where(t >= self.ts[k + 1], k + 1, k))
         k = jnp.clip(k, 0, n - 2)
         ta = self.ts[k]
         tb = self.ts[k + 1]
-        s = (t - ta) / (tb - ta)
-        return k, s, tb - ta
+        return k, _safe_divide(t - ta, tb - ta), tb - ta
 
 
 class HermiteGridInterpolation(_AbstractGridInterpolation):
-    """Cubic Hermite interpolation from the grid values and increments (see module
-    doc)."""
+    """Cubic Hermite interpolation from the grid values and slopes (see module doc)."""
 
     t0: Real[Array, ""]
     t1: Real[Array, ""]
     ts: Real[Array, " N"]
     ys: PyTree[Array]  # leaves (N, ...)
-    fs: PyTree[Array]  # increments Delta * f(t_k, y_k), leaves (N, ...)
+    fs: PyTree[Array]  # slopes f(t_k, y_k), leaves (N, ...)
 
     def _eval(self, t):
-        k, s, _ = self._locate(t)
+        k, s, delta = self._locate(t)
         h00 = (1 + 2 * s) * (1 - s) ** 2
-        h10 = s * (1 - s) ** 2
+        h10 = delta * s * (1 - s) ** 2
         h01 = s**2 * (3 - 2 * s)
-        h11 = s**2 * (s - 1)
+        h11 = delta * s**2 * (s - 1)
 
         def leaf(y, f):
             return h00 * y[k] + h10 * f[k] + h01 * y[k + 1] + h11 * f[k + 1]
@@ -82,13 +91,12 @@ class HermiteGridInterpolation(_AbstractGridInterpolation):
     def derivative(self, t, left: bool = True) -> PyTree[Array]:
         del left
         k, s, delta = self._locate(t)
-        d00 = 6 * s * (s - 1)
+        d01 = _safe_divide(6 * s * (1 - s), delta)
         d10 = (1 - s) * (1 - 3 * s)
-        d01 = -d00
         d11 = s * (3 * s - 2)
 
         def leaf(y, f):
-            return (d00 * y[k] + d10 * f[k] + d01 * y[k + 1] + d11 * f[k + 1]) / delta
+            return d01 * (y[k + 1] - y[k]) + d10 * f[k] + d11 * f[k + 1]
 
         return jtu.tree_map(leaf, self.ys, self.fs)
 

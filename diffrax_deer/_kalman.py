@@ -143,6 +143,6 @@ def damped_recurrence(
     g = m[:-1] - matvec(E, matvec(A_next, m[:-1]) + b_next)
     # Reverse recurrence m^s_k = E_k m^s_{k+1} + g_k, m^s_T = m_T: reverse the arrays
     # and solve it as a forward one.
-    E_rev = jnp.concatenate([jnp.zeros_like(E[:1]), E[::-1]])
+    E_rev = jnp.concatenate([jnp.zeros((1,) + E.shape[1:], E.dtype), E[::-1]])
     g_rev = jnp.concatenate([m[-1:], g[::-1]])
     return linear_recurrence(E_rev, g_rev)[::-1]

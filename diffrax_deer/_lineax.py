@@ -31,6 +31,17 @@ from jaxtyping import Array
 from ._linear_recurrence import linear_recurrence
 
 
+_NOT_CONVERGED = (
+    "diffrax_deer: the implicit derivative of a converged Newton solve could not be "
+    "computed: its refinement did not converge within {} steps (or became "
+    "non-finite). The Newton linearisation is too far from the exact Jacobian of the "
+    "scheme on this grid: use more grid points per window (a finer spacing), shorter "
+    "windows (a smaller `dt0`, or `diffrax.PIDController`), or an explicit "
+    "Runge--Kutta discretisation (`DEER(discretisation=diffrax.Tsit5())`), whose "
+    "linearisation is exact."
+)
+
+
 class TrajectoryJacobianSolver(lx.AbstractLinearSolver):
     """Solves with the Jacobian of a trajectory residual (or its transpose), given the
     transitions `A` of an approximating linear recurrence.
@@ -81,11 +92,9 @@ class TrajectoryJacobianSolver(lx.AbstractLinearSolver):
         num_steps, x, converged = lax.while_loop(
             cond, body, (jnp.array(1), x, jnp.array(False))
         )
-        finite = jnp.all(jnp.isfinite(x))
-        result = lx.RESULTS.where(
-            converged & finite, lx.RESULTS.successful, lx.RESULTS.max_steps_reached
-        )
-        return x, result, {"num_steps": num_steps}
+        failed = jnp.invert(converged & jnp.all(jnp.isfinite(x)))
+        x = eqx.error_if(x, failed, _NOT_CONVERGED.format(self.max_steps))
+        return x, lx.RESULTS.successful, {"num_steps": num_steps}
 
     def transpose(self, state, options: dict[str, Any]):
         operator, A, transposed = state

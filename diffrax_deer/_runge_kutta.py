@@ -201,7 +201,7 @@ class RungeKuttaScheme(AbstractWindowScheme):
         ta, tb = self._intervals()
         _, errors, infos = jax.vmap(self._step)(ta, tb, ys_full[:-1])
         dense_info = dict(ts=self.ts, infos=infos)
-        if errors is None:
-            return dense_info, None
+        if errors is None:  # Euler: no embedded estimate
+            return dense_info, self.defect_error(ys_full, self.slopes(ys_full))
         error = jnp.sum(jnp.abs(self.flattener.ravel_stacked(errors)), axis=0)
         return dense_info, error

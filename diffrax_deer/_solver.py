@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, Int, PyTree
 # are not exported, so we recognise them from diffrax's private module.
 from diffrax._term import AdjointTerm, WrapTerm
 
-from ._discretisation import AbstractWindowScheme, ExponentialScheme
+from ._discretisation import AbstractWindowScheme, ExponentialScheme, uniform_grid
 from ._initial_guess import coarse_grid_guess, coarse_intervals, constant_guess
 from ._misc import default_tolerance, TreeFlattener
 from ._newton import is_successful, solve_trajectory, with_lyapunov_exponent
@@ -94,6 +94,19 @@ def _ode_term(terms) -> AbstractTerm:
     return terms
 
 
+def _closure_convert(terms, t0, y0, args):
+    """`terms` with the ODE's vector field closure-converted: every array it closes
+    over (e.g. a traced parameter, under `jit`/`vmap`/`grad`) becomes a leaf of the
+    term, so that the implicit derivative sees it and differentiates through it. (An
+    array hidden in a Python closure would leak into the custom derivative rule as a
+    foreign tracer.) As optimistix does for the functions it solves."""
+    if isinstance(terms, WrapTerm):
+        inner = _closure_convert(terms.term, t0 * terms.direction, y0, args)
+        return eqx.tree_at(lambda w: w.term, terms, inner)
+    vf = eqx.filter_closure_convert(terms.vector_field, t0, y0, args)
+    return eqx.tree_at(lambda term: term.vector_field, terms, vf)
+
+
 def _user_guess(fn, problem, flattener):
     """The user's initial trajectory `fn(t)` on the window's grid (after `y0`)."""
     ts = problem.ts[1:]
@@ -134,6 +147,16 @@ class DEER(diffrax.AbstractSolver):
     implicit function theorem at the converged trajectory: they are the exact
     derivatives of the discrete solution, and cost one extra parallel solve regardless
     of the number of Newton iterations.
+
+    **Error estimates.** Every window returns one, for every `num_points`, initial
+    guess and method, so `diffrax.PIDController` can choose window lengths: the local
+    error of each grid interval, estimated from the converged values alone by the
+    defect of their Hermite interpolant integrated with Simpson's rule (see
+    `AbstractWindowScheme.defect_error`), summed over the window; or a Runge--Kutta
+    discretisation's embedded estimate, summed the same way. A window whose Newton
+    iteration fails returns NaN values and an infinite error: an adaptive controller
+    rejects it and retries it shorter (its gradient is zero); with
+    `diffrax.ConstantStepSize` the solve ends with its failure.
 
     **Choosing `num_points`.** The grid spacing is `dt0 / (num_points - 1)`. Accuracy
     is that of a 2nd-order method on that grid (error roughly proportional to the
@@ -240,11 +263,11 @@ class DEER(diffrax.AbstractSolver):
         return self.discretisation.order(terms)
 
     def error_order(self, terms) -> int:
-        # The window's error estimate (see `step`) for a window of length dt with a
-        # fixed number N of points: with an embedded Runge--Kutta estimate, the sum of
-        # N - 1 step estimates of order (dt / (N - 1))^q, so q = the solver's own error
-        # order; by Richardson extrapolation, the grid values' error over the window,
-        # N - 1 local errors of order (dt / (N - 1))^(p + 1), so p + 1.
+        # The window's error estimate (see `AbstractWindowScheme.defect_error`) for a
+        # window of length dt with a fixed number N of points: the sum of N - 1 local
+        # error estimates, each of order (dt / (N - 1))^q, so of order q in dt. With an
+        # embedded Runge--Kutta estimate q = the solver's own error order; with the
+        # defect estimate q = p + 1, the local error order of the order-p scheme.
         if self.discretisation is not None and has_embedded_error(self.discretisation):
             return self.discretisation.error_order(terms)
         return self.order(terms) + 1
@@ -267,7 +290,8 @@ class DEER(diffrax.AbstractSolver):
 
     def step(self, terms, t0, t1, y0, args, solver_state: DEERState, made_jump):
         del made_jump
-        terms = _ode_term(terms)
+        # (The example time has the grid's dtype: the converted field is called at it.)
+        terms = _closure_convert(_ode_term(terms), uniform_grid(t0, t1, 2)[0], y0, args)
         flattener = TreeFlattener(y0)
         y0_flat = eqx.error_if(
             flattener.ravel(y0),
@@ -281,7 +305,7 @@ class DEER(diffrax.AbstractSolver):
         if callable(self.initial_guess):
             guess = _user_guess(self.initial_guess, problem, flattener)
         elif self.initial_guess == "coarse":
-            guess, coarse_iters, coarse_ok = coarse_grid_guess(
+            guess, coarse_iters, _ = coarse_grid_guess(
                 problem, rtol=rtol, atol=atol, norm=self.norm, max_iters=self.max_iters,
                 damping=damping,
             )
@@ -296,30 +320,29 @@ class DEER(diffrax.AbstractSolver):
             max_iters=self.max_iters,
             damping=damping,
         )
+        # A window is only as good as its values: a converged iteration whose values
+        # overflowed is a divergence. A failed window returns NaN (there is no answer)
+        # and an infinite error, so that an adaptive controller rejects it and retries
+        # it shorter (diffrax keeps neither its values nor its result).
+        valid = is_successful(stats) & jnp.all(jnp.isfinite(ys))
+        result = optx.RESULTS.where(
+            is_successful(stats) & jnp.invert(valid),
+            optx.RESULTS.nonlinear_divergence,
+            stats.result,
+        )
         ys_full = jnp.concatenate([y0_flat[None], ys])
+        ys_full = jnp.where(valid, ys_full, jnp.nan)
         dense_info, error = problem.outputs(ys_full)
-        y1 = flattener.unravel(ys[-1])
-        # A window whose Newton iteration failed (or whose error estimate could not be
-        # computed) gets an infinite error, so that an adaptive controller rejects it
-        # and retries it shorter.
-        valid = is_successful(stats)
-        n_coarse = coarse_intervals(self.num_points)
-        if error is None and isinstance(self.initial_guess, str) and (
-            self.initial_guess == "coarse" and n_coarse is not None
-        ):
-            # Richardson: for a scheme of order p the fine solution's error is about
-            # (fine - coarse) / (r^p - 1) for the spacing ratio r. Taken as the max
-            # over the window, not only at its end: a long window can carry a large
-            # error in its middle that contractive dynamics have damped by its end.
-            ratio = (self.num_points - 1) / n_coarse
-            error = jnp.max(jnp.abs(ys - guess), axis=0) / (ratio**problem.order - 1)
-            valid = valid & coarse_ok
-        y_error = None
-        if error is not None:
-            y_error = flattener.unravel(jnp.where(valid, error, jnp.inf))
+        y_error = flattener.unravel(jnp.where(valid, error, jnp.inf))
+        state = self._update_state(solver_state, stats, coarse_iters, problem, ys, t0, t1)
+        return flattener.unravel(ys_full[-1]), y_error, dense_info, state, (
+            RESULTS.promote(result)
+        )
+
+    def _update_state(self, state, stats, coarse_iters, problem, ys, t0, t1):
         iters = stats.num_iters
-        lyapunov = solver_state.lyapunov_exponent
-        lyapunov_time = solver_state.lyapunov_time
+        lyapunov = state.lyapunov_exponent
+        lyapunov_time = state.lyapunov_time
         if self.lyapunov:
             length = jnp.abs(t1 - t0).astype(lyapunov_time.dtype)
             stats = with_lyapunov_exponent(stats, problem, ys, length / (self.num_points - 1))
@@ -327,18 +350,16 @@ class DEER(diffrax.AbstractSolver):
             previous = jnp.where(lyapunov_time > 0, lyapunov * lyapunov_time, 0)
             lyapunov_time = lyapunov_time + length
             lyapunov = (previous + exponent * length) / lyapunov_time
-        state = DEERState(
-            num_windows=solver_state.num_windows + 1,
-            total_iters=solver_state.total_iters + iters,
-            max_window_iters=jnp.maximum(solver_state.max_window_iters, iters),
+        return DEERState(
+            num_windows=state.num_windows + 1,
+            total_iters=state.total_iters + iters,
+            max_window_iters=jnp.maximum(state.max_window_iters, iters),
             last_window_iters=iters,
-            last_update_norm=stats.update_norm.astype(solver_state.last_update_norm.dtype),
-            total_coarse_iters=solver_state.total_coarse_iters + coarse_iters,
+            last_update_norm=stats.update_norm.astype(state.last_update_norm.dtype),
+            total_coarse_iters=state.total_coarse_iters + coarse_iters,
             lyapunov_exponent=lyapunov,
             lyapunov_time=lyapunov_time,
         )
-        result = RESULTS.promote(stats.result)
-        return y1, y_error, dense_info, state, result
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
@@ -373,9 +394,7 @@ DEER.__init__.__doc__ = r"""**Arguments:**
     `initial_guess=previous_sol.evaluate` with the solution of the same trajectory at
     the previous training step (its `SaveAt(dense=True)`), so that Newton needs one or
     two iterations. The guess affects only speed and robustness, never the converged
-    answer or its gradients. With the exponential scheme only `"coarse"` gives an
-    error estimate (for adaptive step size controllers); with the others use
-    `diffrax.ConstantStepSize`.
+    answer, its gradients or its error estimate.
 - `lyapunov`: also estimate the largest Lyapunov exponent of each window's trajectory
     (one extra Jacobian evaluation and scan per window), reported (averaged over
     windows) in `DEERState.lyapunov_exponent`. Default False.
@@ -389,8 +408,8 @@ DEER.__init__.__doc__ = r"""**Arguments:**
     `method="quasi-deer"`) and converges in at most `num_points - 1` iterations from
     any guess. Order, error estimate and dense output are the solver's:
     `y_error` is its embedded estimate summed (in absolute value) over the window's
-    steps, so `error_order` is the solver's own (for `Euler`, which has none:
-    Richardson against the coarse grid, as for the exponential scheme); dense output
+    steps, so `error_order` is the solver's own (for `Euler`, which has none: the
+    defect estimate of the exponential scheme, see below); dense output
     is the solver's own interpolation on each grid interval (e.g. Tsit5's 4th-order
     polynomial). Implicit, SDE, wrapped and other non-Runge--Kutta solvers raise a
     `TypeError`.

@@ -270,14 +270,3 @@ def test_gradients_exact():
 def test_unsupported_discretisations_raise(solver, match):
     with pytest.raises(TypeError, match=match):
         DEER(discretisation=solver)
-
-
-def test_no_error_estimate_with_adaptive_controller_raises():
-    # Euler has no embedded estimate, and a 17-point window has no coarse grid for
-    # Richardson extrapolation: diffrax's controller refuses it at trace time.
-    with pytest.raises(Exception, match="error estimates"):
-        diffrax.diffeqsolve(
-            diffrax.ODETerm(van_der_pol), DEER(num_points=N, discretisation=diffrax.Euler()),
-            T0, T1, 1.0, Y0, args=MU,
-            stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3),
-        )

@@ -277,14 +277,6 @@ def test_complex_state_raises():
         )
 
 
-def test_adaptive_controller_raises():
-    with pytest.raises(Exception, match="error estimates"):
-        diffrax.diffeqsolve(
-            diffrax.ODETerm(lambda t, y, args: -y), DEER(num_points=11), 0.0, 1.0, 0.5,
-            jnp.array([1.0]), stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3),
-        )
-
-
 def test_backsolve_adjoint_raises():
     def loss(y0):
         return diffrax.diffeqsolve(

@@ -1,0 +1,281 @@
+"""Training through the solver: gradient cost of `DEER` against its forward solve.
+
+For each model and grid size T (one window of T points over the whole interval), the
+loss is the sum of squares of the solution at 50 saved times, and it records:
+
+- forward time; reverse-mode gradient time with `RecursiveCheckpointAdjoint` (diffrax's
+  default) and with `DirectAdjoint` (`max_steps=4`: one window); forward-mode time
+  (`jax.jvp` of the loss in one parameter direction, `diffrax.ForwardMode`); each as a
+  ratio to the forward solve measured in the same run;
+- first-call compile times (trace + XLA compile) of the forward solve and of the
+  gradient, and XLA's memory estimate of one gradient call;
+- Newton iterations on the fine grid and on the coarse grids, and the refinement steps
+  of the implicit derivative's linear solve (counted in a separate, untimed call);
+
+for the exponential scheme (`DEER()`) and a Runge--Kutta map
+(`DEER(discretisation=diffrax.Tsit5())`, T/10 points: a 5th-order map needs far fewer
+points for the same accuracy), next to diffrax's `Tsit5` + `PIDController` whose
+tolerance gives about DEER's error at t1 (the largest of a sweep whose error is at most
+DEER's).
+
+Models: the neural ODE `MLP(D, D, 32, depth=2, tanh)(y) - 0.5 y` (D = 4, 16), the
+Hamiltonian neural network of `notebooks/hamiltonian_nn.ipynb` (two bodies, D = 8,
+`MLP(8, 1, 64, depth=2, softplus)`, a symplectic gradient: the vector field is itself a
+gradient), and Van der Pol (mu = 1, parameter mu).
+
+    .venv/bin/python benchmarks/bench_training.py --quick     # T in {1e3, 1e4}
+    .venv/bin/python benchmarks/bench_training.py             # T up to 1e5
+
+Results: `benchmarks/results/training[_quick]_<platform>_py<X.Y>.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    Column,
+    compile_jitted,
+    enable_float64,
+    fmt_bytes,
+    fmt_ratio,
+    fmt_sci,
+    fmt_time,
+    log,
+    Section,
+    time_call,
+    write_results,
+)
+
+
+enable_float64()
+
+import diffrax  # noqa: E402
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jax.random as jr  # noqa: E402
+
+import diffrax_deer  # noqa: E402
+import diffrax_deer._lineax as _lineax  # noqa: E402
+
+
+T1 = 5.0
+SAVE = jnp.linspace(0.0, T1, 50)
+SWEEP_TOLS = tuple(10.0 ** -np.arange(3.0, 12.01, 0.5))
+
+
+def _float64(tree):
+    return jax.tree_util.tree_map(lambda x: x.astype(jnp.float64) if eqx.is_array(x) else x, tree)
+
+
+def neural_ode(dim):
+    mlp = _float64(eqx.nn.MLP(dim, dim, 32, depth=2, activation=jnp.tanh, key=jr.PRNGKey(0)))
+    params, static = eqx.partition(mlp, eqx.is_inexact_array)
+
+    def vf(t, y, params):
+        return eqx.combine(params, static)(y) - 0.5 * y
+
+    return f"mlp{dim}", vf, jr.normal(jr.PRNGKey(1), (dim,)) * 0.5, params
+
+
+def hamiltonian_nn():
+    mlp = _float64(eqx.nn.MLP(8, "scalar", 64, depth=2, activation=jax.nn.softplus, key=jr.PRNGKey(2)))
+    params, static = eqx.partition(mlp, eqx.is_inexact_array)
+
+    def vf(t, y, params):
+        grad = jax.grad(eqx.combine(params, static))(y)
+        return jnp.concatenate([grad[4:], -grad[:4]])
+
+    q1 = jnp.array([1.0, 0.0])
+    p1 = jnp.array([0.0, 0.4])
+    return "hnn8", vf, jnp.concatenate([q1, -q1, p1, -p1]), params
+
+
+def van_der_pol():
+    def vf(t, y, mu):
+        return jnp.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
+
+    return "vdp", vf, jnp.array([2.0, 0.0]), jnp.array(1.0)
+
+
+def _solve(vf, y0, params, solver, dt0, **kwargs):
+    return diffrax.diffeqsolve(
+        diffrax.ODETerm(vf), solver, 0.0, T1, dt0, y0, args=params,
+        saveat=diffrax.SaveAt(ts=SAVE, t1=True), **kwargs,
+    )
+
+
+def _loss_fns(vf, y0, solver, dt0, **kwargs):
+    def loss(params, adjoint=diffrax.RecursiveCheckpointAdjoint(), max_steps=16):
+        ys = _solve(vf, y0, params, solver, dt0, adjoint=adjoint, max_steps=max_steps, **kwargs).ys
+        return jnp.sum(ys[:-1] ** 2)
+
+    direction = jax.tree_util.tree_map(jnp.ones_like, None)
+
+    def jvp(params, tangent):
+        return jax.jvp(lambda p: loss(p, diffrax.ForwardMode()), (params,), (tangent,))[1]
+
+    del direction
+    return dict(
+        forward=loss,
+        grad_rc=jax.grad(loss),
+        grad_direct=jax.grad(lambda p: loss(p, diffrax.DirectAdjoint(), max_steps=4)),
+        jvp=jvp,
+    )
+
+
+def _count_refinements(fn, *args):
+    """Refinement steps of the implicit derivative's linear solves in one call."""
+    counts = []
+    compute = _lineax.TrajectoryJacobianSolver.compute
+
+    def counting(self, state, vector, options):
+        x, result, stats = compute(self, state, vector, options)
+        jax.debug.callback(lambda n: counts.append(int(n)), stats["num_steps"])
+        return x, result, stats
+
+    _lineax.TrajectoryJacobianSolver.compute = counting
+    try:
+        jax.block_until_ready(jax.jit(fn)(*args))
+    finally:
+        _lineax.TrajectoryJacobianSolver.compute = compute
+    return sum(counts)
+
+
+def _deer_case(name, vf, y0, params, label, solver, repeats):
+    fns = _loss_fns(vf, y0, solver, T1)
+    tangent = jax.tree_util.tree_map(jnp.ones_like, params)
+    row = dict(model=name, solver=label, T=solver.num_points)
+    stats = jax.jit(lambda p: _solve(vf, y0, p, solver, T1, saveat_state=None) if False else
+                    diffrax.diffeqsolve(diffrax.ODETerm(vf), solver, 0.0, T1, T1, y0, args=p,
+                                        saveat=diffrax.SaveAt(t1=True, solver_state=True)))(params)
+    row["newton"] = int(stats.solver_state.total_iters)
+    row["coarse"] = int(stats.solver_state.total_coarse_iters)
+    base = None
+    for key, args in (("forward", (params,)), ("grad_rc", (params,)),
+                      ("grad_direct", (params,)), ("jvp", (params, tangent))):
+        compiled = compile_jitted(fns[key], *args)
+        timing = time_call(compiled.fn, *args, repeats=repeats)
+        row[f"{key}_s"] = timing.min_s
+        row[f"{key}_compile_s"] = compiled.compile_s
+        if key == "grad_rc":
+            row["grad_memory"] = compiled.memory_bytes
+        if key == "forward":
+            base = timing.min_s
+            row["ys"] = np.asarray(timing.output)
+        else:
+            row[f"{key}_ratio"] = timing.min_s / base
+        log(f"  {name} {label} T={solver.num_points} {key}: {fmt_time(timing.min_s)} "
+            f"(compile {compiled.compile_s:.1f} s)")
+    row["refinements"] = _count_refinements(fns["grad_rc"], params)
+    return row
+
+
+def _reference(vf, y0, params):
+    sol = _solve(vf, y0, params, diffrax.Dopri8(), 0.01,
+                 stepsize_controller=diffrax.PIDController(rtol=1e-12, atol=1e-12),
+                 max_steps=200_000)
+    return sol.ys
+
+
+def _tsit5_case(name, vf, y0, params, target_err, ref, repeats):
+    def solve(params, tol, adjoint=diffrax.RecursiveCheckpointAdjoint()):
+        return _solve(vf, y0, params, diffrax.Tsit5(), 0.01, adjoint=adjoint,
+                      stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
+                      max_steps=100_000).ys
+
+    sweep = jax.jit(solve)
+    tol = SWEEP_TOLS[-1]
+    for candidate in SWEEP_TOLS:
+        err = float(jnp.max(jnp.abs(sweep(params, candidate) - ref)))
+        if err <= target_err:
+            tol = candidate
+            break
+    loss = lambda p: jnp.sum(solve(p, tol)[:-1] ** 2)
+    tangent = jax.tree_util.tree_map(jnp.ones_like, params)
+    fns = dict(
+        forward=loss,
+        grad_rc=jax.grad(loss),
+        jvp=lambda p, v: jax.jvp(lambda q: jnp.sum(solve(q, tol, diffrax.ForwardMode())[:-1] ** 2), (p,), (v,))[1],
+    )
+    row = dict(model=name, solver=f"Tsit5+PID({tol:.0e})", T=None)
+    base = None
+    for key, args in (("forward", (params,)), ("grad_rc", (params,)), ("jvp", (params, tangent))):
+        compiled = compile_jitted(fns[key], *args)
+        timing = time_call(compiled.fn, *args, repeats=repeats)
+        row[f"{key}_s"] = timing.min_s
+        row[f"{key}_compile_s"] = compiled.compile_s
+        if key == "grad_rc":
+            row["grad_memory"] = compiled.memory_bytes
+        if key == "forward":
+            base = timing.min_s
+        else:
+            row[f"{key}_ratio"] = timing.min_s / base
+    row["error"] = float(jnp.max(jnp.abs(sweep(params, tol) - ref)))
+    log(f"  {name} Tsit5 tol {tol:.0e}: forward {fmt_time(row['forward_s'])}, "
+        f"grad {fmt_time(row['grad_rc_s'])}")
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="T in {1e3, 1e4}")
+    parser.add_argument("--grids", type=int, nargs="*")
+    parser.add_argument("--models", nargs="*", default=["mlp4", "mlp16", "hnn8", "vdp"])
+    parser.add_argument("--repeats", type=int, default=5)
+    opts = parser.parse_args()
+    grids = opts.grids or ([1_000, 10_000] if opts.quick else [1_000, 10_000, 100_000])
+    models = {"mlp4": lambda: neural_ode(4), "mlp16": lambda: neural_ode(16),
+              "hnn8": hamiltonian_nn, "vdp": van_der_pol}
+    rows = []
+    for key in opts.models:
+        name, vf, y0, params = models[key]()
+        ref = _reference(vf, y0, params)
+        for T in grids:
+            log(f"{name}, T = {T}")
+            deer = _deer_case(name, vf, y0, params, "DEER", diffrax_deer.DEER(num_points=T), opts.repeats)
+            deer["error"] = float(jnp.max(jnp.abs(deer.pop("ys") - ref)))
+            rk = _deer_case(name, vf, y0, params, "DEER-Tsit5",
+                            diffrax_deer.DEER(num_points=T // 10 + 1, discretisation=diffrax.Tsit5()),
+                            opts.repeats)
+            rk["error"] = float(jnp.max(jnp.abs(rk.pop("ys") - ref)))
+            tsit5 = _tsit5_case(name, vf, y0, params, deer["error"], ref, opts.repeats)
+            rows += [deer, rk, tsit5]
+    columns = [
+        Column("model", "model"), Column("solver", "solver"), Column("T", "points"),
+        Column("error", "error", fmt_sci),
+        Column("forward_s", "forward", fmt_time),
+        Column("grad_rc_s", "grad (RecursiveCheckpoint)", fmt_time),
+        Column("grad_rc_ratio", "/ fwd", fmt_ratio),
+        Column("grad_direct_s", "grad (Direct)", fmt_time),
+        Column("grad_direct_ratio", "/ fwd", fmt_ratio),
+        Column("jvp_s", "jvp (ForwardMode)", fmt_time),
+        Column("jvp_ratio", "/ fwd", fmt_ratio),
+        Column("forward_compile_s", "compile fwd", fmt_time),
+        Column("grad_rc_compile_s", "compile grad", fmt_time),
+        Column("grad_memory", "grad memory", fmt_bytes),
+        Column("newton", "Newton it."), Column("coarse", "coarse it."),
+        Column("refinements", "refinements"),
+    ]
+    section = Section(
+        "Gradient and forward-mode cost against the forward solve", columns, rows,
+        "One window over [0, 5]; loss = sum of squares at 50 saved times. Ratios are "
+        "against the forward solve of the same row, measured in the same run. "
+        "`refinements`: steps of the implicit derivative's linear solve in one "
+        "reverse-mode gradient (1 = a single scan, no refinement).",
+    )
+    name = "training_quick" if opts.quick else "training"
+    paths = write_results(name, [section], title="Training through the solver",
+                          config=dict(grids=grids, models=opts.models))
+    log(f"wrote {paths[0]} and {paths[1]}")
+
+
+if __name__ == "__main__":
+    main()
