@@ -117,12 +117,9 @@ def _loss_fns(vf, y0, solver, dt0, **kwargs):
         ys = _solve(vf, y0, params, solver, dt0, adjoint=adjoint, max_steps=max_steps, **kwargs).ys
         return jnp.sum(ys[:-1] ** 2)
 
-    direction = jax.tree_util.tree_map(jnp.ones_like, None)
-
     def jvp(params, tangent):
         return jax.jvp(lambda p: loss(p, diffrax.ForwardMode()), (params,), (tangent,))[1]
 
-    del direction
     return dict(
         forward=loss,
         grad_rc=jax.grad(loss),
@@ -153,11 +150,12 @@ def _deer_case(name, vf, y0, params, label, solver, repeats):
     fns = _loss_fns(vf, y0, solver, T1)
     tangent = jax.tree_util.tree_map(jnp.ones_like, params)
     row = dict(model=name, solver=label, T=solver.num_points)
-    stats = jax.jit(lambda p: _solve(vf, y0, p, solver, T1, saveat_state=None) if False else
-                    diffrax.diffeqsolve(diffrax.ODETerm(vf), solver, 0.0, T1, T1, y0, args=p,
-                                        saveat=diffrax.SaveAt(t1=True, solver_state=True)))(params)
-    row["newton"] = int(stats.solver_state.total_iters)
-    row["coarse"] = int(stats.solver_state.total_coarse_iters)
+    state = jax.jit(lambda p: diffrax.diffeqsolve(
+        diffrax.ODETerm(vf), solver, 0.0, T1, T1, y0, args=p,
+        saveat=diffrax.SaveAt(t1=True, solver_state=True),
+    ).solver_state)(params)
+    row["newton"] = int(state.total_iters)
+    row["coarse"] = int(state.total_coarse_iters)
     base = None
     for key, args in (("forward", (params,)), ("grad_rc", (params,)),
                       ("grad_direct", (params,)), ("jvp", (params, tangent))):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optimistix as optx
 from diffrax_deer import DEER
 
 
@@ -120,19 +121,21 @@ def test_steady_state_with_implicit_adjoint():
     def vf(t, y, theta):
         return -(y - theta) * (1 + (y - theta) ** 2)
 
-    event = diffrax.Event(diffrax.steady_state_event(rtol=1e-8, atol=1e-8))
+    event = diffrax.Event(diffrax.steady_state_event(rtol=1e-8, atol=1e-8, norm=optx.rms_norm))
 
-    def steady(theta, solver):
+    def steady(theta, solver, controller=diffrax.ConstantStepSize()):
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(vf), solver, 0.0, jnp.inf, 2.0, jnp.array([1.0, -1.0]),
             args=theta, event=event, adjoint=diffrax.ImplicitAdjoint(), max_steps=512,
+            stepsize_controller=controller,
         )
         return sol.ys[-1]
 
     theta = jnp.array([0.3, 0.7])
-    y_deer = steady(theta, DEER(num_points=65))
+    y_deer = steady(theta, DEER(num_points=65))  # windows of 2 time units
+    y_tsit5 = steady(theta, diffrax.Tsit5(), diffrax.PIDController(rtol=1e-8, atol=1e-8))
     np.testing.assert_allclose(y_deer, theta, atol=1e-6)
-    np.testing.assert_allclose(y_deer, steady(theta, diffrax.Tsit5()), atol=1e-6)
+    np.testing.assert_allclose(y_deer, y_tsit5, atol=1e-6)
     jac = jax.jit(jax.jacrev(lambda th: steady(th, DEER(num_points=65))))(theta)
     np.testing.assert_allclose(jac, jnp.eye(2), atol=1e-6)
 
