@@ -139,6 +139,9 @@ def _count_refinements(fn, *args):
         return x, result, stats
 
     _lineax.TrajectoryJacobianSolver.compute = counting
+    # Retrace: diffrax's solve is cached by `equinox.filter_jit`.
+    jax.clear_caches()
+    eqx.clear_caches()
     try:
         jax.block_until_ready(jax.jit(fn)(*args))
     finally:
@@ -150,12 +153,13 @@ def _deer_case(name, vf, y0, params, label, solver, repeats):
     fns = _loss_fns(vf, y0, solver, T1)
     tangent = jax.tree_util.tree_map(jnp.ones_like, params)
     row = dict(model=name, solver=label, T=solver.num_points)
-    state = jax.jit(lambda p: diffrax.diffeqsolve(
+    sol = jax.jit(lambda p: diffrax.diffeqsolve(
         diffrax.ODETerm(vf), solver, 0.0, T1, T1, y0, args=p,
-        saveat=diffrax.SaveAt(t1=True, solver_state=True),
-    ).solver_state)(params)
-    row["newton"] = int(state.total_iters)
-    row["coarse"] = int(state.total_coarse_iters)
+        saveat=diffrax.SaveAt(ts=SAVE, t1=True, solver_state=True),
+    ))(params)
+    row["ys"] = np.asarray(sol.ys)
+    row["newton"] = int(sol.solver_state.total_iters)
+    row["coarse"] = int(sol.solver_state.total_coarse_iters)
     base = None
     for key, args in (("forward", (params,)), ("grad_rc", (params,)),
                       ("grad_direct", (params,)), ("jvp", (params, tangent))):
@@ -167,7 +171,6 @@ def _deer_case(name, vf, y0, params, label, solver, repeats):
             row["grad_memory"] = compiled.memory_bytes
         if key == "forward":
             base = timing.min_s
-            row["ys"] = np.asarray(timing.output)
         else:
             row[f"{key}_ratio"] = timing.min_s / base
         log(f"  {name} {label} T={solver.num_points} {key}: {fmt_time(timing.min_s)} "
