@@ -173,7 +173,7 @@ def test_continuous_normalising_flow_log_likelihood():
     # with respect to the flow's network.
     model = _mlp(3, 2, jr.PRNGKey(2))
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    data = jr.normal(jr.PRNGKey(3), (8, 2)) * jnp.array([1.0, 0.5])
+    data = jr.normal(jr.PRNGKey(3), (8, 2)) * jnp.array([[1.0, 0.5]])
 
     def make_loss(solver, dt0):
         def loss(params):

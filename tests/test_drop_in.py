@@ -143,18 +143,26 @@ def test_closure_over_traced_array_gradients():
 def test_parameters_outside_the_ode():
     # q scales the loss and travels in `args` without entering the vector field (as the
     # noise covariances of a Kalman filter do); a enters the ODE.
-    def loss(q, a):
+    def loss(q, a, adjoint=diffrax.RecursiveCheckpointAdjoint()):
         vf = lambda t, y, args: -args[0] * y
         ys = diffrax.diffeqsolve(
             diffrax.ODETerm(vf), DEER(num_points=33), 0.0, 1.0, 1.0, _Y0, args=(a, q),
+            adjoint=adjoint,
         ).ys
         return q * jnp.sum(ys)
 
     q, a = 1.3, 2.0
     exact_ys = _Y0 * np.exp(-a)
+    # Only q differentiated: the Newton solve's tangent is a symbolic zero.
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(q, a), np.sum(exact_ys), rtol=1e-4)
     gq, ga = jax.jit(jax.grad(loss, argnums=(0, 1)))(q, a)
     np.testing.assert_allclose(gq, np.sum(exact_ys), rtol=1e-4)
     np.testing.assert_allclose(ga, -q * np.sum(exact_ys), rtol=1e-4)
+    # Forward mode, one direction at a time (q alone: the ODE is not perturbed).
+    forward = lambda q, a: loss(q, a, diffrax.ForwardMode())
+    jvp = jax.jit(lambda v, w: jax.jvp(forward, (q, a), (v, w))[1])
+    np.testing.assert_allclose(jvp(1.0, 0.0), gq, rtol=1e-10)
+    np.testing.assert_allclose(jvp(0.0, 1.0), ga, rtol=1e-8)
 
 
 # --------------------------------------------------------------------------------------
