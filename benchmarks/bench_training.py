@@ -149,6 +149,22 @@ def _count_refinements(fn, *args):
     return sum(counts)
 
 
+def _time_all(row, fns, params, tangent, repeats, label):
+    """Compiles and times each of `fns` (forward first), filling `row` with times,
+    compile times, ratios to the forward solve and the gradient's memory estimate."""
+    for key, fn in fns.items():
+        args = (params, tangent) if key == "jvp" else (params,)
+        compiled = compile_jitted(fn, *args)
+        timing = time_call(compiled.fn, *args, repeats=repeats)
+        row[f"{key}_s"] = timing.min_s
+        row[f"{key}_compile_s"] = compiled.compile_s
+        if key == "grad_rc":
+            row["grad_memory"] = compiled.memory_bytes
+        if key != "forward":
+            row[f"{key}_ratio"] = timing.min_s / row["forward_s"]
+        log(f"  {label} {key}: {fmt_time(timing.min_s)} (compile {compiled.compile_s:.1f} s)")
+
+
 def _deer_case(name, vf, y0, params, label, solver, repeats):
     fns = _loss_fns(vf, y0, solver, T1)
     tangent = jax.tree_util.tree_map(jnp.ones_like, params)
@@ -160,21 +176,7 @@ def _deer_case(name, vf, y0, params, label, solver, repeats):
     row["ys"] = np.asarray(sol.ys)
     row["newton"] = int(sol.solver_state.total_iters)
     row["coarse"] = int(sol.solver_state.total_coarse_iters)
-    base = None
-    for key, args in (("forward", (params,)), ("grad_rc", (params,)),
-                      ("grad_direct", (params,)), ("jvp", (params, tangent))):
-        compiled = compile_jitted(fns[key], *args)
-        timing = time_call(compiled.fn, *args, repeats=repeats)
-        row[f"{key}_s"] = timing.min_s
-        row[f"{key}_compile_s"] = compiled.compile_s
-        if key == "grad_rc":
-            row["grad_memory"] = compiled.memory_bytes
-        if key == "forward":
-            base = timing.min_s
-        else:
-            row[f"{key}_ratio"] = timing.min_s / base
-        log(f"  {name} {label} T={solver.num_points} {key}: {fmt_time(timing.min_s)} "
-            f"(compile {compiled.compile_s:.1f} s)")
+    _time_all(row, fns, params, tangent, repeats, f"{name} {label} T={solver.num_points}")
     row["refinements"] = _count_refinements(fns["grad_rc"], params)
     return row
 
@@ -207,21 +209,8 @@ def _tsit5_case(name, vf, y0, params, target_err, ref, repeats):
         jvp=lambda p, v: jax.jvp(lambda q: jnp.sum(solve(q, tol, diffrax.ForwardMode())[:-1] ** 2), (p,), (v,))[1],
     )
     row = dict(model=name, solver=f"Tsit5+PID({tol:.0e})", T=None)
-    base = None
-    for key, args in (("forward", (params,)), ("grad_rc", (params,)), ("jvp", (params, tangent))):
-        compiled = compile_jitted(fns[key], *args)
-        timing = time_call(compiled.fn, *args, repeats=repeats)
-        row[f"{key}_s"] = timing.min_s
-        row[f"{key}_compile_s"] = compiled.compile_s
-        if key == "grad_rc":
-            row["grad_memory"] = compiled.memory_bytes
-        if key == "forward":
-            base = timing.min_s
-        else:
-            row[f"{key}_ratio"] = timing.min_s / base
+    _time_all(row, fns, params, tangent, repeats, f"{name} Tsit5 tol {tol:.0e}")
     row["error"] = float(jnp.max(jnp.abs(sweep(params, tol) - ref)))
-    log(f"  {name} Tsit5 tol {tol:.0e}: forward {fmt_time(row['forward_s'])}, "
-        f"grad {fmt_time(row['grad_rc_s'])}")
     return row
 
 
