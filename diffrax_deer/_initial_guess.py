@@ -21,7 +21,7 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 from ._discretisation import AbstractWindowScheme
 from ._newton import is_successful, newton_iterations
@@ -54,22 +54,21 @@ def coarse_grid_guess(
     damping: float | None = None,
     factor: int = COARSENING_FACTOR,
     min_intervals: int = MIN_COARSE_INTERVALS,
-) -> tuple[Float[Array, "T D"], Int[Array, ""], Bool[Array, ""]]:
-    """Initial guess from recursively solving the window on coarser grids, the number
-    of Newton iterations spent on all coarse levels, and whether the first coarse level
-    converged (then the guess *is* the coarse solution, interpolated).
+) -> tuple[Float[Array, "T D"], Int[Array, ""]]:
+    """Initial guess from recursively solving the window on coarser grids, and the
+    number of Newton iterations spent on all coarse levels.
 
     Falls back to `constant_guess` when the window is too short to coarsen (see
     `coarse_intervals`), or when a coarse solve fails (no convergence, or non-finite
     values)."""
     n_coarse = coarse_intervals(problem.num_points, factor, min_intervals)
     if n_coarse is None:
-        return constant_guess(problem), jnp.array(0, jnp.int32), jnp.array(False)
+        return constant_guess(problem), jnp.array(0, jnp.int32)
     # The guess is never differentiated: keep autodiff out of the coarse solves.
     dynamic, static = eqx.partition(problem, eqx.is_inexact_array)
     problem = eqx.combine(lax.stop_gradient(dynamic), static)
     coarse = problem.coarsen(n_coarse + 1)
-    guess, coarser_iters, _ = coarse_grid_guess(
+    guess, coarser_iters = coarse_grid_guess(
         coarse,
         rtol=rtol,
         atol=atol,
@@ -89,4 +88,4 @@ def coarse_grid_guess(
     fine = jax.vmap(lambda t: ravel(interp.evaluate(t)))(problem.ts[1:])
     ok = is_successful(stats) & jnp.all(jnp.isfinite(fine))
     guess = jnp.where(ok, fine, constant_guess(problem))
-    return guess, coarser_iters + stats.num_iters, ok
+    return guess, coarser_iters + stats.num_iters

@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int, PyTree
 from diffrax._term import AdjointTerm, WrapTerm
 
 from ._discretisation import AbstractWindowScheme, ExponentialScheme, uniform_grid
-from ._initial_guess import coarse_grid_guess, coarse_intervals, constant_guess
+from ._initial_guess import coarse_grid_guess, constant_guess
 from ._misc import default_tolerance, TreeFlattener
 from ._newton import is_successful, solve_trajectory, with_lyapunov_exponent
 from ._runge_kutta import (
@@ -305,7 +305,7 @@ class DEER(diffrax.AbstractSolver):
         if callable(self.initial_guess):
             guess = _user_guess(self.initial_guess, problem, flattener)
         elif self.initial_guess == "coarse":
-            guess, coarse_iters, _ = coarse_grid_guess(
+            guess, coarse_iters = coarse_grid_guess(
                 problem, rtol=rtol, atol=atol, norm=self.norm, max_iters=self.max_iters,
                 damping=damping,
             )
@@ -409,7 +409,7 @@ DEER.__init__.__doc__ = r"""**Arguments:**
     any guess. Order, error estimate and dense output are the solver's:
     `y_error` is its embedded estimate summed (in absolute value) over the window's
     steps, so `error_order` is the solver's own (for `Euler`, which has none: the
-    defect estimate of the exponential scheme, see below); dense output
+    defect estimate, see "Error estimates" above); dense output
     is the solver's own interpolation on each grid interval (e.g. Tsit5's 4th-order
     polynomial). Implicit, SDE, wrapped and other non-Runge--Kutta solvers raise a
     `TypeError`.

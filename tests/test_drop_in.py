@@ -6,7 +6,6 @@ estimates for every window size, initial guess and method."""
 import functools as ft
 
 import diffrax
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
