@@ -14,10 +14,13 @@ squared $s$ times. The loop over squarings runs only as many times as the larges
 in the batch, so stiff matrices ($\|X\| \gg 1$) are handled correctly and non-stiff
 ones pay nothing for it.
 
-Derivatives use the Fréchet derivative $L(X)[E]$, read off the exponential of the block
-matrix $\begin{pmatrix} X & E \\ 0 & X \end{pmatrix}$. It is wrapped as a primitive that
-is linear in $E$ with transpose $L(X^\top)[\cdot]$, so forward and reverse mode both work
-and reverse mode stores nothing but $X$ (no per-squaring residuals).
+Derivatives use the Fréchet derivative $L(X)[E]$, the directional derivative of the same
+evaluation (forward mode through the polynomial and the squarings, whose number depends
+on $X$ only). It is wrapped as a primitive that is linear in $E$ with transpose
+$L(X^\top)[\cdot]$, so forward and reverse mode both work and reverse mode stores
+nothing but $X$ (no per-squaring residuals). Its own derivative (second order) is read
+off the block matrix $\begin{pmatrix} X & E \\ 0 & X \end{pmatrix}$, whose exponential
+holds $L(X)[E]$ in its upper right block.
 """
 
 import functools as ft
@@ -163,10 +166,13 @@ def _block(X, E):
 
 
 def _frechet_impl_raw(X, E):
-    n = X.shape[-1]
-    B = _block(X, E)
-    out, _ = _taylor_scaling_squaring(B, None)
-    return out[..., :n, n:]
+    # Forward-mode differentiation of the evaluation itself, with the number of
+    # squarings fixed by X alone (it is piecewise constant in X, and its tangent is
+    # zero): linear in E, exact to round-off, and about a quarter of the cost of
+    # reading the derivative off the exponential of the 2n x 2n block matrix
+    # [[X, E], [0, X]] (measured on CPU: T = 1e4, n = 5, 8.4 ms against 36 ms; n = 17,
+    # 133 ms against 577 ms), which also needs more squarings when E is large.
+    return jax.jvp(lambda X: _taylor_scaling_squaring(X, None)[0], (X,), (E,))[1]
 
 
 @eqxi.filter_primitive_def
