@@ -31,6 +31,11 @@ from jaxtyping import Array
 from ._linear_recurrence import linear_recurrence
 
 
+def not_converged_message(max_steps: int) -> str:
+    """The error raised when the implicit derivative's refinement does not converge."""
+    return _NOT_CONVERGED.format(max_steps)
+
+
 _NOT_CONVERGED = (
     "diffrax_deer: the implicit derivative of a converged Newton solve could not be "
     "computed: its refinement did not converge within {} steps (or became "
@@ -93,7 +98,7 @@ class TrajectoryJacobianSolver(lx.AbstractLinearSolver):
             cond, body, (jnp.array(1), x, jnp.array(False))
         )
         failed = jnp.invert(converged & jnp.all(jnp.isfinite(x)))
-        x = eqx.error_if(x, failed, _NOT_CONVERGED.format(self.max_steps))
+        x = eqx.error_if(x, failed, not_converged_message(self.max_steps))
         return x, lx.RESULTS.successful, {"num_steps": num_steps}
 
     def transpose(self, state, options: dict[str, Any]):

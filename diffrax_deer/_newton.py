@@ -18,10 +18,9 @@ returned iterate is better still.
 
 Gradients never go through the iterations: at the converged trajectory the implicit
 function theorem gives $\mathrm{d}y = -(\partial r/\partial y)^{-1} \partial r/\partial
-\theta\, \mathrm{d}\theta$, a block-bidiagonal solve done by
-`TrajectoryJacobianSolver` (`_lineax.py`) with the same scan (transposed, i.e.
-run backwards, in reverse mode). Memory and time do not grow with the number of
-iterations, and forward and reverse mode are both supported.
+\theta\, \mathrm{d}\theta$, a block-bidiagonal solve with the same scan (transposed,
+i.e. run backwards, in reverse mode): see `_implicit.py`. Memory and time do not grow
+with the number of iterations, and forward and reverse mode are both supported.
 """
 
 import abc
@@ -32,11 +31,10 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int
 
-from ._lineax import TrajectoryJacobianSolver
+from ._implicit import implicit_tangent, refinement_tolerance
 from ._batched import matvec
 from ._kalman import damped_recurrence
 from ._linear_recurrence import linear_recurrence
@@ -284,10 +282,6 @@ def newton_iterations(
     return _trust_region_loop(problem, guess, rtol, atol, norm, max_iters, damping)
 
 
-def _residual_fn(ys, problem):
-    return problem.residual(ys)
-
-
 @eqx.filter_custom_jvp
 def _solve(problem, guess, *, rtol, atol, norm, max_iters, damping):
     return newton_iterations(
@@ -311,56 +305,12 @@ def _solve_jvp(primals, tangents, *, rtol, atol, norm, max_iters, damping):
     # solve that cannot converge, reaches the gradient.
     ok = is_successful(stats) & jnp.all(jnp.isfinite(ys))
     ys_at = jnp.where(ok, ys, jnp.broadcast_to(problem.init, ys.shape))
-    max_steps = max(max_iters, ys.shape[0] + 1)
-    t_ys = _implicit_tangent(
+    t_ys = implicit_tangent(
         ys_at, ok, problem, t_problem, rtol=refinement_tolerance(ys.dtype, rtol),
-        max_steps=max_steps,
+        # Diagonal transitions of an explicit recurrence need at most T refinements.
+        max_steps=max(max_iters, ys.shape[0] + 1),
     )
     return (ys, stats), (t_ys, t_stats)
-
-
-# Rematerialised in reverse mode: only its inputs (the trajectory and the problem) are
-# stored, and the linearisation it needs is recomputed when the gradient is pulled back.
-# Without it, a caller that stores the residuals of every step of a loop stores those of
-# the whole linearisation (matrix exponentials, second derivatives of the vector field)
-# once per step: `diffrax.DirectAdjoint`, whose bounded loop pads `max_steps` up to a
-# power of 16, measured 5x slower than `RecursiveCheckpointAdjoint` (1.30 s against
-# 0.27 s, mlp4 T = 1e4, CPU, py3.11).
-@eqx.filter_checkpoint
-def _implicit_tangent(ys_at, ok, problem, t_problem, *, rtol, max_steps):
-    r"""$-(\partial r / \partial y)^{-1} (\partial r / \partial \theta)\,
-    \mathrm{d}\theta$ at the solution `ys_at` (zero where not `ok`)."""
-    # dr/dtheta . dtheta at the solution (None if no array the residual depends on is
-    # perturbed, e.g. parameters outside the ODE) ...
-    _, t_residual = eqx.filter_jvp(
-        lambda p: _residual_fn(ys_at, p), (problem,), (t_problem,)
-    )
-    if t_residual is None:
-        return jnp.zeros_like(ys_at)
-    t_residual = jnp.where(ok, t_residual, 0)
-    # ... and the solve with dr/dy, preconditioned by the Newton linearisation.
-    operator = lx.JacobianLinearOperator(_residual_fn, ys_at, problem)
-    transitions, _ = problem.linearise(ys_at)
-    solver = TrajectoryJacobianSolver(
-        lax.stop_gradient(transitions),
-        exact=problem.exact_jacobian,
-        rtol=rtol,
-        # Diagonal transitions of an explicit recurrence need at most T refinements.
-        max_steps=max_steps,
-    )
-    return lx.linear_solve(operator, -t_residual, solver).value
-
-
-def refinement_tolerance(dtype, rtol: float) -> float:
-    """Relative tolerance of the implicit derivative's refinement (see
-    `TrajectoryJacobianSolver`): the Newton tolerance `rtol`, i.e. the accuracy of the
-    forward solve itself, but not below eps^0.75 of the state's dtype (about 2e-12 in
-    float64, 6e-6 in float32). The refinement contracts fast (by a factor of order
-    the squared grid spacing times the vector field's curvature, measured 1e-5 to 1e-7
-    per step on the training benchmark), so stopping once a correction is below `rtol`
-    leaves an error far below it; each step saved is one exact Jacobian product, the
-    most expensive part of a gradient."""
-    return max(float(rtol), float(jnp.finfo(dtype).eps) ** 0.75, 1e-12)
 
 
 def solve_trajectory(
