@@ -150,3 +150,37 @@ def test_gradient_memory_independent_of_iterations():
     if a is None:
         pytest.skip("memory analysis unavailable on this backend")
     assert a == b
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_refinement_tolerance_follows_dtype(dtype):
+    # The implicit derivative's refinement stops at the forward solve's own (Newton)
+    # tolerance, never below eps^0.75 of the dtype: reachable in float32 too, where
+    # the float64 floor (1e-12) would never be met.
+    from diffrax_deer._implicit import refinement_tolerance
+    from diffrax_deer._misc import default_tolerance
+
+    eps = float(jnp.finfo(dtype).eps)
+    default = default_tolerance(dtype)
+    assert refinement_tolerance(dtype, default) == max(default, eps**0.75)
+    assert refinement_tolerance(dtype, 1e-30) == max(eps**0.75, 1e-12)
+    assert refinement_tolerance(jnp.float32, 1e-8) > 1e-6 > refinement_tolerance(jnp.float64, 1e-8)
+
+    # And a gradient that needs the refinement (exponential scheme, default
+    # tolerances) converges in this dtype and agrees with float64's.
+    def loss(args, y0):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, a: -a * y + jnp.sin(y[::-1])), DEER(num_points=65),
+            jnp.asarray(0.0, y0.dtype), jnp.asarray(2.0, y0.dtype), 1.0, y0, args=args,
+            saveat=diffrax.SaveAt(ts=jnp.linspace(0.5, 2.0, 4).astype(y0.dtype)),
+        )
+        return jnp.sum(sol.ys**2)
+
+    args, y0 = jnp.array([0.7, 1.3]), jnp.array([1.0, -0.5])
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    got = grad(args.astype(dtype), y0.astype(dtype))
+    ref = grad(args, y0)
+    tol = 1e-4 if dtype == jnp.float32 else 1e-8
+    for a, b in zip(got, ref):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
