@@ -398,9 +398,9 @@ DEER.__init__.__doc__ = r"""**Arguments:**
 - `initial_damping`: starting Levenberg--Marquardt damping for the ELK methods,
     adapted every iteration by the ratio of actual to predicted residual reduction.
 - `initial_guess`: how each window's Newton iteration starts. `"coarse"` (default):
-    solve the window on a grid 8x coarser (recursively, down to 32 intervals) and
-    interpolate; the fine grid then usually needs 2-3 iterations. `"constant"`: the
-    window's initial state everywhere (the DEER paper's choice). Or a function
+    solve the window on a grid 8x coarser (at least 32 intervals; recursively while
+    it has more than 2048) and interpolate; the fine grid then usually needs 1-3
+    iterations. `"constant"`: the window's initial state everywhere (the DEER paper's choice). Or a function
     `guess(t) -> state like y0`, evaluated on each window's grid: a *warm start*, e.g.
     `initial_guess=previous_sol.evaluate` with the solution of the same trajectory at
     the previous training step (its `SaveAt(dense=True)`), so that Newton needs one or
