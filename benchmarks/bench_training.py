@@ -63,7 +63,7 @@ import jax.numpy as jnp  # noqa: E402
 import jax.random as jr  # noqa: E402
 
 import diffrax_deer  # noqa: E402
-import diffrax_deer._lineax as _lineax  # noqa: E402
+import diffrax_deer._implicit as _implicit  # noqa: E402
 
 
 T1 = 5.0
@@ -129,23 +129,24 @@ def _loss_fns(vf, y0, solver, dt0, **kwargs):
 
 
 def _count_refinements(fn, *args):
-    """Refinement steps of the implicit derivative's linear solves in one call."""
+    """Vector-Jacobian products of the implicit derivative (reverse mode) in one call:
+    1 = a single scan and product, no refinement."""
     counts = []
-    compute = _lineax.TrajectoryJacobianSolver.compute
+    transpose = _implicit._transpose
 
-    def counting(self, state, vector, options):
-        x, result, stats = compute(self, state, vector, options)
-        jax.debug.callback(lambda n: counts.append(int(n)), stats["num_steps"])
-        return x, result, stats
+    def counting(*a):
+        g, num_steps = transpose(*a)
+        jax.debug.callback(lambda n: counts.append(int(n)), num_steps)
+        return g, num_steps
 
-    _lineax.TrajectoryJacobianSolver.compute = counting
+    _implicit._transpose = counting
     # Retrace: diffrax's solve is cached by `equinox.filter_jit`.
     jax.clear_caches()
     eqx.clear_caches()
     try:
         jax.block_until_ready(jax.jit(fn)(*args))
     finally:
-        _lineax.TrajectoryJacobianSolver.compute = compute
+        _implicit._transpose = transpose
     return sum(counts)
 
 
@@ -258,8 +259,8 @@ def main():
         "Gradient and forward-mode cost against the forward solve", columns, rows,
         "One window over [0, 5]; loss = sum of squares at 50 saved times. Ratios are "
         "against the forward solve of the same row, measured in the same run. "
-        "`refinements`: steps of the implicit derivative's linear solve in one "
-        "reverse-mode gradient (1 = a single scan, no refinement).",
+        "`refinements`: vector-Jacobian products of the implicit derivative in one "
+        "reverse-mode gradient (1 = a single scan and product, no refinement).",
     )
     name = "training_quick" if opts.quick else "training"
     paths = write_results(name, [section], title="Training through the solver",

@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 
-from ._lineax import not_converged_message, TrajectoryJacobianSolver
 from ._linear_recurrence import linear_recurrence
+from ._lineax import TrajectoryJacobianSolver, not_converged_message
 
 
 def refinement_tolerance(dtype, rtol: float) -> float:
@@ -76,7 +76,8 @@ def _forward(ys_at, ok, problem, t_problem, rtol, max_steps):
 
 
 def _transpose(ys_at, ok, problem, ct, rtol, max_steps):
-    """$-R^\\top L^{-\\top} \\bar y$ as a PyTree like `problem` (see module doc)."""
+    """$-R^\\top L^{-\\top} \\bar y$ as a PyTree like `problem` (see module doc), and
+    the number of vector-Jacobian products it took."""
     ct = jnp.where(ok, ct, 0)
     transitions, _ = problem.linearise(ys_at)
     A = lax.stop_gradient(transitions)
@@ -87,10 +88,11 @@ def _transpose(ys_at, ok, problem, ct, rtol, max_steps):
 
     lam = precondition(ct)
     if problem.exact_jacobian:
-        return jtu.tree_map(jnp.negative, vjp(lam)[1])
+        return jtu.tree_map(jnp.negative, vjp(lam)[1]), jnp.array(1)
 
     g_problem0 = jtu.tree_map(
-        lambda x: jnp.zeros(x.shape, x.dtype), eqx.filter_eval_shape(lambda l: vjp(l)[1], lam)
+        lambda x: jnp.zeros(x.shape, x.dtype),
+        eqx.filter_eval_shape(lambda v: vjp(v)[1], lam),
     )
 
     def cond(carry):
@@ -109,7 +111,7 @@ def _transpose(ys_at, ok, problem, ct, rtol, max_steps):
     num_steps, lam, g_problem, converged = lax.while_loop(cond, body, carry)
     failed = jnp.invert(converged & jnp.all(jnp.isfinite(lam)))
     g_problem = eqx.error_if(g_problem, failed, not_converged_message(max_steps))
-    return jtu.tree_map(jnp.negative, g_problem)
+    return jtu.tree_map(jnp.negative, g_problem), num_steps
 
 
 @eqxi.filter_primitive_def
@@ -153,7 +155,7 @@ def _transpose_rule(inputs, cts_out):
             "The implicit derivative is linear in the parameters' tangent only."
         )
     (ct,) = cts_out
-    g_problem = _transpose(ys_at, ok, problem, ct, rtol, max_steps)
+    g_problem, _ = _transpose(ys_at, ok, problem, ct, rtol, max_steps)
     # Cotangents for exactly the tangent's array leaves (None for the others).
     def leaf(t, g):
         if not _undefined(t):

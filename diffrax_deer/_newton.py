@@ -27,15 +27,14 @@ import abc
 from collections.abc import Callable
 
 import equinox as eqx
-import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int
 
-from ._implicit import implicit_tangent, refinement_tolerance
 from ._batched import matvec
+from ._implicit import implicit_tangent, refinement_tolerance
 from ._kalman import damped_recurrence
 from ._linear_recurrence import linear_recurrence
 from ._lyapunov import lyapunov_exponent
