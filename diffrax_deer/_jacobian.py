@@ -4,14 +4,31 @@ One batched pass gives both $F$ and $\partial F / \partial y$ at every point: th
 Jacobian as $D$ Jacobian-vector products with the basis vectors (forward mode, sharing
 one evaluation of $F$), or only its diagonal (quasi-DEER) without ever forming a
 `(T, D, D)` array.
+
+Reverse mode through the dense Jacobian (the gradients of the exponential scheme need
+it) is second order. Differentiating the forward-mode Jacobian backwards
+(reverse-over-forward, JAX's default) measured twice as slow on CPU as the other way
+round, so its cotangent is computed forward-over-reverse: for cotangents
+$(\bar F, \bar J)$,
+
+$$\nabla \Big( \langle \bar F, F \rangle + \sum_j \langle \bar J_{:, j},
+\partial F / \partial y\, e_j \rangle \Big)
+= \nabla \langle \bar F, F \rangle + \sum_j \partial_\varepsilon\, \nabla
+\langle \bar J_{:, j}, F(y + \varepsilon e_j) \rangle,$$
+
+one reverse pass per basis direction, each differentiated forwards along $e_j$
+(neural ODE, D = 4, T = 1e4: 25 ms against 49 ms).
 """
 
 from collections.abc import Callable
 from typing import Literal
 
+import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 from jaxtyping import Array, Float, PyTree
 
 
@@ -26,13 +43,7 @@ def value_and_jacobian(
     D = ys.shape[-1]
     eye = jnp.eye(D, dtype=ys.dtype)
     if structure == "dense":
-
-        def one(p, y):
-            f = lambda y: fn(p, y)
-            jvp = lambda v: jax.jvp(f, (y,), (v,))
-            return jax.vmap(jvp, out_axes=(None, -1))(eye)
-
-        return jax.vmap(one)(points, ys)
+        return _dense(fn, points, ys)
     if structure != "diagonal":
         raise ValueError(f"Unknown Jacobian structure {structure!r}.")
     batched = jax.vmap(fn)
@@ -47,3 +58,109 @@ def value_and_jacobian(
         return diag.at[:, j].set(out[:, j])
 
     return values, lax.fori_loop(0, D, column, jnp.zeros_like(ys))
+
+
+def _dense_impl(fn, points, ys):
+    eye = jnp.eye(ys.shape[-1], dtype=ys.dtype)
+
+    def one(p, y):
+        f = lambda y: fn(p, y)
+        jvp = lambda v: jax.jvp(f, (y,), (v,))
+        return jax.vmap(jvp, out_axes=(None, -1))(eye)
+
+    return jax.vmap(one)(points, ys)
+
+
+@eqx.filter_custom_jvp
+def _dense(fn, points, ys):
+    return _dense_impl(fn, points, ys)
+
+
+@_dense.def_jvp
+def _dense_jvp(primals, tangents):
+    out = _dense_impl(*primals)
+    if all(t is None for t in jtu.tree_leaves(tangents)):
+        return out, jtu.tree_map(jnp.zeros_like, out)
+    t_out = eqxi.filter_primitive_bind(_tangent_p, primals, tangents)
+    return out, tuple(t_out)
+
+
+def _materialise(primals, tangents):
+    return jtu.tree_map(
+        lambda p, t: (jnp.zeros_like(p) if t is None else t) if eqx.is_inexact_array(p) else None,
+        primals, tangents, is_leaf=lambda x: x is None,
+    )
+
+
+@eqxi.filter_primitive_def
+def _tangent_impl(primals, tangents):
+    # Forward mode: forward-over-forward.
+    dynamic, static = eqx.partition(primals, eqx.is_inexact_array)
+    t_dynamic = eqx.filter(_materialise(primals, tangents), eqx.is_inexact_array)
+    f = lambda d: _dense_impl(*eqx.combine(d, static))
+    return list(jax.jvp(f, (dynamic,), (t_dynamic,))[1])
+
+
+@eqxi.filter_primitive_def
+def _tangent_abstract_eval(primals, tangents):
+    del tangents
+    ys = primals[2]
+    T, D = ys.shape
+    return [jax.core.ShapedArray((T, D), ys.dtype), jax.core.ShapedArray((T, D, D), ys.dtype)]
+
+
+@eqxi.filter_primitive_jvp
+def _tangent_jvp(primals, tangents):
+    raise NotImplementedError(
+        "diffrax_deer: third derivatives through a Jacobian are not supported."
+    )
+
+
+def _undefined(x):
+    return isinstance(x, jax.interpreters.ad.UndefinedPrimal)
+
+
+@eqxi.filter_primitive_transpose(materialise_zeros=True)
+def _tangent_transpose(inputs, cts_out):
+    # Reverse mode: forward-over-reverse (see module doc).
+    primals, tangents = inputs
+    if any(_undefined(x) for x in jtu.tree_leaves(primals)):
+        raise NotImplementedError("The Jacobian's tangent is linear in the tangents only.")
+    ct_F, ct_J = cts_out
+    fn, points, ys = primals
+    dynamic, static = eqx.partition((fn, points), eqx.is_inexact_array)
+
+    def values(d, ys):
+        fn, points = eqx.combine(d, static)
+        return jax.vmap(fn)(points, ys)
+
+    def pullback(ct, ys):
+        return eqx.filter_vjp(values, dynamic, ys)[1](ct)
+
+    base = pullback(ct_F, ys)
+    eye = jnp.eye(ys.shape[-1], dtype=ys.dtype)
+
+    def column(ct_j, e_j):
+        direction = jnp.broadcast_to(e_j, ys.shape)
+        return eqx.filter_jvp(lambda ys: pullback(ct_j, ys), (ys,), (direction,))[1]
+
+    columns = jax.vmap(column, in_axes=(-1, 0))(ct_J, eye)
+    # (A leaf whose pullback does not depend on y has a symbolic-zero column: None.)
+    add = lambda b, c: b if c is None else b + jnp.sum(c, axis=0)
+    total = jtu.tree_map(add, base, columns)
+    d_fn_points, d_ys = total
+    d_fn, d_points = eqx.combine(d_fn_points, jtu.tree_map(lambda _: None, static))
+    undefined_only = lambda t, g: g if _undefined(t) else None
+    is_leaf = lambda x: x is None or _undefined(x)
+    cts = jtu.tree_map(undefined_only, tangents, (d_fn, d_points, d_ys), is_leaf=is_leaf)
+    none = jtu.tree_map(lambda _: None, primals, is_leaf=_undefined)
+    return none, cts
+
+
+_tangent_p = eqxi.create_vprim(
+    "diffrax_deer_jacobian_tangent",
+    _tangent_impl,
+    _tangent_abstract_eval,
+    _tangent_jvp,
+    _tangent_transpose,
+)
