@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._batched import matmul, matvec
+from ._misc import batched_like
 
 
 @ft.cache
@@ -186,7 +187,7 @@ def _frechet_abstract_eval(X, E):
 
 
 def _frechet(X: Array, E: Array) -> Array:
-    (out,) = eqxi.filter_primitive_bind(_frechet_p, X, E)
+    (out,) = eqxi.filter_primitive_bind(_frechet_p, X, batched_like(E, X))
     return out
 
 

@@ -42,6 +42,7 @@ import jax.tree_util as jtu
 import lineax as lx
 
 from ._linear_recurrence import linear_recurrence
+from ._misc import batched_like
 from ._lineax import TrajectoryJacobianSolver, not_converged_message
 
 
@@ -179,6 +180,7 @@ def implicit_tangent(ys_at, ok, problem, t_problem, *, rtol: float, max_steps: i
     the tangent `t_problem` of the problem's arrays (None where not perturbed)."""
     if all(x is None for x in jtu.tree_leaves(t_problem)):
         return jnp.zeros_like(ys_at)
+    t_problem = batched_like(t_problem, ys_at)
     (out,) = eqxi.filter_primitive_bind(
         _implicit_p, ys_at, ok, problem, t_problem, float(rtol), int(max_steps)
     )

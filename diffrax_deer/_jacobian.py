@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, PyTree
 
+from ._misc import batched_like
+
 
 def value_and_jacobian(
     fn: Callable[[PyTree, Array], Array],
@@ -66,7 +68,11 @@ def _dense_impl(fn, points, ys):
     def one(p, y):
         f = lambda y: fn(p, y)
         jvp = lambda v: jax.jvp(f, (y,), (v,))
-        return jax.vmap(jvp, out_axes=(None, -1))(eye)
+        # (`out_axes=0` and the first copy rather than `None`: under differentiation
+        # with respect to batched parameters the value can be reported as batched
+        # along the basis; XLA simplifies the copy away.)
+        values, columns = jax.vmap(jvp, out_axes=(0, -1))(eye)
+        return values[0], columns
 
     return jax.vmap(one)(points, ys)
 
@@ -81,6 +87,7 @@ def _dense_jvp(primals, tangents):
     out = _dense_impl(*primals)
     if all(t is None for t in jtu.tree_leaves(tangents)):
         return out, jtu.tree_map(jnp.zeros_like, out)
+    tangents = batched_like(tangents, primals[2])
     t_out = eqxi.filter_primitive_bind(_tangent_p, primals, tangents)
     return out, tuple(t_out)
 

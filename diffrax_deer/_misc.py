@@ -77,3 +77,20 @@ def default_tolerance(dtype) -> float:
 
 def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
+
+
+def batched_like(tangents: PyTree, reference: Array) -> PyTree:
+    """`tangents`, each leaf multiplied by a one that is batched (under `jax.vmap`)
+    wherever `reference` is.
+
+    For the tangent inputs of this library's linear primitives (equinox "vprims": the
+    implicit derivative, the Jacobian's tangent, the Fréchet derivative). Their
+    transposes are vmapped by equinox with each cotangent batched like its input, so
+    an unbatched tangent against batched residuals -- a gradient with respect to
+    parameters shared by a batch of solves, the usual training setup -- cannot be
+    transposed (its cotangent must be summed over the batch). After this product the
+    tangent is batched, and JAX sums the cotangent when it transposes the product.
+    Outside `vmap` the factor is an exact 1 (a `where`, never arithmetic on
+    `reference`), folded away by XLA."""
+    one = jnp.where(True, 1, jnp.ravel(reference)[0])
+    return jtu.tree_map(lambda t: t * one.astype(t.dtype), tangents)

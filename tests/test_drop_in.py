@@ -287,3 +287,46 @@ def test_error_estimate_is_the_local_error(num_points):
         true = jnp.abs(sol.ys[-1] - reference_solution(van_der_pol, y0, 1.0, 0.0, h, jnp.array([h]))[0])
         ratio = float(jnp.max(y_error) / jnp.max(true))
         assert 0.7 < ratio < 1.5 if num_points == 2 else 0.7 < ratio < 3, (h, ratio)
+
+
+@pytest.mark.parametrize(
+    "discretisation", [None, diffrax.Tsit5()], ids=["exponential", "tsit5"]
+)
+def test_gradients_shared_parameters_batched_initial_states(discretisation):
+    # Training on a batch: `vmap` over initial states, one set of parameters; reverse
+    # mode (both adjoints) and forward mode equal the per-example derivatives summed.
+    def vf(t, y, a):
+        return jnp.stack([a[0] * y[1], -a[1] * jnp.sin(y[0]) - 0.1 * y[1]])
+
+    solver = DEER(num_points=33, discretisation=discretisation)
+
+    def loss(a, y0, adjoint):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(vf), solver, 0.0, 2.0, 2.0, y0, args=a, adjoint=adjoint,
+            saveat=diffrax.SaveAt(ts=jnp.array([0.7, 1.4, 2.0])),
+        )
+        return jnp.sum(sol.ys**2)
+
+    a = jnp.array([1.0, 0.8])
+    y0s = jnp.array([[0.5, 0.0], [1.0, -0.3], [-0.2, 0.4]])
+    tangent = jnp.array([0.3, -1.1])
+
+    @jax.jit
+    def batched(a):
+        out = []
+        for adjoint in (diffrax.RecursiveCheckpointAdjoint(), diffrax.DirectAdjoint()):
+            total = lambda a: jnp.sum(jax.vmap(lambda y0: loss(a, y0, adjoint))(y0s))
+            out.append(jax.grad(total)(a))
+        total = lambda a: jnp.sum(jax.vmap(lambda y0: loss(a, y0, diffrax.ForwardMode()))(y0s))
+        out.append(jax.jvp(total, (a,), (tangent,))[1])
+        return out
+
+    @jax.jit
+    def one(a, y0):
+        return jax.grad(loss)(a, y0, diffrax.RecursiveCheckpointAdjoint())
+
+    reference = sum(one(a, y0) for y0 in y0s)
+    grad_rc, grad_direct, jvp = batched(a)
+    np.testing.assert_allclose(grad_rc, reference, rtol=1e-10)
+    np.testing.assert_allclose(grad_direct, reference, rtol=1e-10)
+    np.testing.assert_allclose(jvp, jnp.dot(reference, tangent), rtol=1e-8)

@@ -434,3 +434,32 @@ def test_non_convergence():
     assert stats.result == optx.RESULTS.nonlinear_max_steps_reached
     assert int(stats.num_iters) == 2 and float(stats.update_norm) > 1
     assert bool(jnp.all(jnp.isfinite(ys)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_shared_parameters_batched_sequences(method):
+    # The usual training setup: one cell, a vmapped batch of sequences, the gradient
+    # with respect to the shared weights (and, in forward mode, a direction in them).
+    # Each linear primitive of the derivative then sees unbatched tangents against
+    # batched residuals; the cotangent must be summed over the batch.
+    cell, h0, xs = _grad_inputs()
+    params, static = eqx.partition(cell, eqx.is_inexact_array)
+    xs_batch = jnp.stack([xs, jnp.cos(xs), xs[::-1]])
+    h0_batch = jnp.stack([h0, -h0, 2 * h0])
+
+    def loss(m, params):
+        batched = jax.vmap(lambda h0, xs: _loss(m, eqx.combine(params, static), h0, xs))
+        return jnp.sum(batched(h0_batch, xs_batch))
+
+    @jax.jit
+    def derivatives(params, tangent):
+        out = {}
+        for m in ("lax", method):
+            _, jvp = jax.jvp(lambda p: loss(m, p), (params,), (tangent,))
+            out[m] = jax.grad(lambda p: loss(m, p))(params), jvp
+        return out
+
+    out = derivatives(params, _tangents(params, seed=9))
+    (grad_ref, jvp_ref), (grad, jvp) = out["lax"], out[method]
+    assert tree_allclose(grad, grad_ref, rtol=1e-8, atol=1e-10)
+    assert jnp.allclose(jvp, jvp_ref, rtol=1e-8, atol=1e-10)
