@@ -92,20 +92,13 @@ def _dense_jvp(primals, tangents):
     return out, tuple(t_out)
 
 
-def _materialise(primals, tangents):
-    return jtu.tree_map(
-        lambda p, t: (jnp.zeros_like(p) if t is None else t) if eqx.is_inexact_array(p) else None,
-        primals, tangents, is_leaf=lambda x: x is None,
-    )
-
-
 @eqxi.filter_primitive_def
 def _tangent_impl(primals, tangents):
-    # Forward mode: forward-over-forward.
-    dynamic, static = eqx.partition(primals, eqx.is_inexact_array)
-    t_dynamic = eqx.filter(_materialise(primals, tangents), eqx.is_inexact_array)
-    f = lambda d: _dense_impl(*eqx.combine(d, static))
-    return list(jax.jvp(f, (dynamic,), (t_dynamic,))[1])
+    # Forward mode: forward-over-forward, along the perturbed leaves only (None
+    # tangents stay symbolic zeros: a product along the trajectory alone does not
+    # differentiate through the parameters).
+    _, t_out = eqx.filter_jvp(lambda *p: _dense_impl(*p), primals, tangents)
+    return list(t_out)
 
 
 @eqxi.filter_primitive_def
