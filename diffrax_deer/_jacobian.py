@@ -97,8 +97,10 @@ def _tangent_impl(primals, tangents):
     # Forward mode: forward-over-forward, along the perturbed leaves only (None
     # tangents stay symbolic zeros: a product along the trajectory alone does not
     # differentiate through the parameters).
-    _, t_out = eqx.filter_jvp(lambda *p: _dense_impl(*p), primals, tangents)
-    return list(t_out)
+    out, t_out = eqx.filter_jvp(lambda *p: _dense_impl(*p), primals, tangents)
+    # (An output that does not depend on the perturbed leaves -- the Jacobian, when a
+    # parameter enters additively -- has a symbolic-zero tangent: materialise it.)
+    return [jnp.zeros_like(o) if t is None else t for o, t in zip(out, t_out)]
 
 
 @eqxi.filter_primitive_def
