@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._batched import matmul, matvec
-from ._misc import batched_like
+from ._misc import batched_like, is_undefined
 
 
 @ft.cache
@@ -205,14 +205,10 @@ def _frechet_jvp(primals, tangents):
     return [out], [t_out]
 
 
-def _is_undefined(x):
-    return isinstance(x, jax.interpreters.ad.UndefinedPrimal)
-
-
 @eqxi.filter_primitive_transpose(materialise_zeros=True)
 def _frechet_transpose(inputs, cts_out):
     X, E = inputs
-    if _is_undefined(X):
+    if is_undefined(X):
         raise NotImplementedError(
             "The Fréchet derivative of the matrix exponential is linear in its "
             "direction only."

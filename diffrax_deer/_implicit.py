@@ -21,9 +21,10 @@ linearisation is exact).
   transitions the products are taken with respect to $y$ and $\theta$ at once and the
   last step's $\theta$ part is the answer (the correction it leaves out is within the
   tolerance); with diagonal ones (many steps) $R^\top \lambda$ is one more product at
-  the end. With an exact linearisation it is one scan and one product. Nothing is stored between the forward solve and the
-  gradient but the trajectory and the problem: the residual's linearisation is
-  recomputed here, once, when the gradient is pulled back.
+  the end. With an exact linearisation it is one scan and one product. Nothing is
+  stored between the forward solve and the gradient but the trajectory and the
+  problem: the residual's linearisation is recomputed here, once, when the gradient
+  is pulled back.
 
 Wrapped as an equinox primitive (linear in its last argument, with this transpose) so
 that it works under `jit`, `vmap` (of the gradient too) and inside diffrax's loops.
@@ -38,8 +39,8 @@ import jax.tree_util as jtu
 import lineax as lx
 
 from ._linear_recurrence import linear_recurrence
-from ._misc import batched_like
 from ._lineax import TrajectoryJacobianSolver, not_converged_message
+from ._misc import batched_like, cotangents_for, is_undefined, no_cotangents
 
 
 def refinement_tolerance(dtype, rtol: float) -> float:
@@ -152,28 +153,17 @@ def _jvp(primals, tangents):
     return [out], [t_out]
 
 
-def _undefined(x):
-    return isinstance(x, jax.interpreters.ad.UndefinedPrimal)
-
-
 @eqxi.filter_primitive_transpose(materialise_zeros=True)
 def _transpose_rule(inputs, cts_out):
     ys_at, ok, problem, t_problem, rtol, max_steps = inputs
-    if any(_undefined(x) for x in jtu.tree_leaves((ys_at, ok, problem))):
+    if any(is_undefined(x) for x in jtu.tree_leaves((ys_at, ok, problem))):
         raise NotImplementedError(
             "The implicit derivative is linear in the parameters' tangent only."
         )
     (ct,) = cts_out
     g_problem, _ = _transpose(ys_at, ok, problem, ct, rtol, max_steps)
-    # Cotangents for exactly the tangent's array leaves (None for the others).
-    def leaf(t, g):
-        if not _undefined(t):
-            return None
-        return jnp.zeros(t.aval.shape, t.aval.dtype) if g is None else g
-
-    is_leaf = lambda x: x is None or _undefined(x)
-    ct_t_problem = jtu.tree_map(leaf, t_problem, g_problem, is_leaf=is_leaf)
-    none = lambda tree: jtu.tree_map(lambda _: None, tree, is_leaf=_undefined)
+    none = no_cotangents
+    ct_t_problem = cotangents_for(t_problem, g_problem)
     return none(ys_at), none(ok), none(problem), ct_t_problem, None, None
 
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, PyTree
 
-from ._misc import batched_like
+from ._misc import batched_like, cotangents_for, is_undefined, no_cotangents
 
 
 def value_and_jacobian(
@@ -100,7 +100,7 @@ def _tangent_impl(primals, tangents):
     out, t_out = eqx.filter_jvp(lambda *p: _dense_impl(*p), primals, tangents)
     # (An output that does not depend on the perturbed leaves -- the Jacobian, when a
     # parameter enters additively -- has a symbolic-zero tangent: materialise it.)
-    return [jnp.zeros_like(o) if t is None else t for o, t in zip(out, t_out)]
+    return [jnp.zeros_like(o) if t is None else t for o, t in zip(out, t_out, strict=True)]
 
 
 @eqxi.filter_primitive_def
@@ -118,15 +118,11 @@ def _tangent_jvp(primals, tangents):
     )
 
 
-def _undefined(x):
-    return isinstance(x, jax.interpreters.ad.UndefinedPrimal)
-
-
 @eqxi.filter_primitive_transpose(materialise_zeros=True)
 def _tangent_transpose(inputs, cts_out):
     # Reverse mode: forward-over-reverse (see module doc).
     primals, tangents = inputs
-    if any(_undefined(x) for x in jtu.tree_leaves(primals)):
+    if any(is_undefined(x) for x in jtu.tree_leaves(primals)):
         raise NotImplementedError("The Jacobian's tangent is linear in the tangents only.")
     ct_F, ct_J = cts_out
     fn, points, ys = primals
@@ -152,11 +148,7 @@ def _tangent_transpose(inputs, cts_out):
     total = jtu.tree_map(add, base, columns)
     d_fn_points, d_ys = total
     d_fn, d_points = eqx.combine(d_fn_points, jtu.tree_map(lambda _: None, static))
-    undefined_only = lambda t, g: g if _undefined(t) else None
-    is_leaf = lambda x: x is None or _undefined(x)
-    cts = jtu.tree_map(undefined_only, tangents, (d_fn, d_points, d_ys), is_leaf=is_leaf)
-    none = jtu.tree_map(lambda _: None, primals, is_leaf=_undefined)
-    return none, cts
+    return no_cotangents(primals), cotangents_for(tangents, (d_fn, d_points, d_ys))
 
 
 _tangent_p = eqxi.create_vprim(

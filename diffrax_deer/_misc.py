@@ -94,3 +94,26 @@ def batched_like(tangents: PyTree, reference: Array) -> PyTree:
     `reference`), folded away by XLA."""
     one = jnp.where(True, 1, jnp.ravel(reference)[0])
     return jtu.tree_map(lambda t: t * one.astype(t.dtype), tangents)
+
+
+def is_undefined(x) -> bool:
+    """Whether `x` is the input a transpose rule is asked the cotangent of."""
+    return isinstance(x, jax.interpreters.ad.UndefinedPrimal)
+
+
+def cotangents_for(tangents: PyTree, grads: PyTree) -> PyTree:
+    """A transpose rule's cotangents for the linear input `tangents`: the matching leaf
+    of `grads` (zeros where it is None) for each undefined leaf, None elsewhere."""
+
+    def leaf(t, g):
+        if not is_undefined(t):
+            return None
+        return jnp.zeros(t.aval.shape, t.aval.dtype) if g is None else g
+
+    is_leaf = lambda x: x is None or is_undefined(x)
+    return jtu.tree_map(leaf, tangents, grads, is_leaf=is_leaf)
+
+
+def no_cotangents(tree: PyTree) -> PyTree:
+    """None for every leaf of a transpose rule's non-linear input."""
+    return jtu.tree_map(lambda _: None, tree, is_leaf=is_undefined)
