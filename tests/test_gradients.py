@@ -184,3 +184,35 @@ def test_refinement_tolerance_follows_dtype(dtype):
     for a, b in zip(got, ref):
         assert a.dtype == dtype
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("chunk", [5, 10**9])
+def test_jacobian_derivatives_match_jax(monkeypatch, chunk):
+    # The dense Jacobian's own derivatives (second order: the exponential scheme's
+    # gradients) against JAX's differentiation of `vmap(jacfwd(f))`, with respect to
+    # the parameters, the points and the states at once; `chunk = 5` takes the path
+    # that evaluates them in chunks of points (used on CPU for long grids), with a
+    # padded last chunk (23 points).
+    import diffrax_deer._jacobian as jacobian
+
+    monkeypatch.setattr(jacobian, "_CHUNK", chunk)
+    fn = lambda mlp, t, y: _vector_field(t, y, mlp) * (1 + 0.3 * t * y[::-1])
+    ts = jnp.linspace(0.0, 1.0, 23)
+    ys = jax.random.normal(jax.random.PRNGKey(2), (23, 2))
+    ours = lambda mlp, ts, ys: jacobian.value_and_jacobian(eqx.Partial(fn, mlp), ts, ys)
+    ref = lambda mlp, ts, ys: jax.vmap(
+        lambda t, y: (fn(mlp, t, y), jax.jacfwd(ft.partial(fn, mlp, t))(y))
+    )(ts, ys)
+    primals = (_MLP, ts, ys)
+    v_params = _directions()[0]
+    tangents = (v_params, jnp.cos(3 * ts), jnp.sin(ys))
+    cts = (jnp.cos(ys), jax.random.normal(jax.random.PRNGKey(3), (23, 2, 2)))
+    for a, b in zip(
+        eqx.filter_jit(lambda p, t: eqx.filter_jvp(ours, p, t)[1])(primals, tangents),
+        eqx.filter_jit(lambda p, t: eqx.filter_jvp(ref, p, t)[1])(primals, tangents),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    got = eqx.filter_jit(lambda p, c: eqx.filter_vjp(ours, *p)[1](c))(primals, cts)
+    want = eqx.filter_jit(lambda p, c: eqx.filter_vjp(ref, *p)[1](c))(primals, cts)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
