@@ -24,9 +24,9 @@ the D = 4 MLP neural ODE, with `jacobian="dense"` and `"diagonal"`. Each attempt
 in a subprocess, so an out-of-memory kill ends only that attempt; an attempt whose
 compiled program is estimated to need more memory than is available is not run.
 
-    .venv/bin/python benchmarks/bench_reference.py                 # a few minutes
-    .venv/bin/python benchmarks/bench_reference.py --grids 1000 10000 100000 1000000
-    .venv/bin/python benchmarks/bench_reference.py --max-grid      # longer
+    .venv/bin/python -m benchmarks.bench_reference                 # a few minutes
+    .venv/bin/python -m benchmarks.bench_reference --grids 1000 10000 100000 1000000
+    .venv/bin/python -m benchmarks.bench_reference --max-grid      # longer
 
 Results: `benchmarks/results/reference_<platform>_py<X.Y>.{json,md}` and
 `maxgrid_<platform>_py<X.Y>.{json,md}`.
@@ -43,39 +43,23 @@ import time
 from pathlib import Path
 
 
+REPO = Path(__file__).resolve().parents[1]  # where `python -m benchmarks.<name>` runs
+
 if "--max-grid" in sys.argv:
     # On a GPU, don't let the parent process reserve the memory its children need.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
-    available_ram_bytes,
-    Column,
-    compile_jitted,
-    describe_machine,
-    enable_float64,
-    fmt_bytes,
-    fmt_ratio,
-    fmt_sci,
-    fmt_time,
-    log,
-    rss_peak_bytes,
-    Section,
-    time_call,
-    write_results,
-)
+from . import _common as common  # noqa: E402
 
-
-enable_float64()
 
 import diffrax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import diffrax_deer  # noqa: E402
-from _problems import classical_problems, mlp_ode, Problem  # noqa: E402
-from bench_solver import (  # noqa: E402
+from ._problems import classical_problems, mlp_ode, Problem  # noqa: E402
+from .bench_solver import (  # noqa: E402
     _max_err,
     adaptive_solve,
     deer_solve,
@@ -147,7 +131,7 @@ def iteration_breakdown(problem: Problem, T: int, repeats: int) -> dict:
     ys_full = jax.jit(trajectory)(y0, problem.args)
 
     # Methods wrapped in lambdas: jax.jit needs hashable callables.
-    lin = compile_jitted(
+    lin = common.compile_jitted(
         lambda ys: value_and_jacobian(scheme._increment, scheme.ts, ys, "dense"), ys_full
     )
     F, J = lin.fn(ys_full)
@@ -158,10 +142,10 @@ def iteration_breakdown(problem: Problem, T: int, repeats: int) -> dict:
         return (J[:-1] + J[1:]) / 2, (h[:-1] + h[1:]) / 2
 
     X, z = averages(F, J, ys_full)
-    exps = compile_jitted(lambda X, z: diffrax_deer.expm_phi1(X, z), X, z)
+    exps = common.compile_jitted(lambda X, z: diffrax_deer.expm_phi1(X, z), X, z)
     A, b = exps.fn(X, z)
-    scan = compile_jitted(lambda A, b: diffrax_deer.linear_recurrence(A, b, y0), A, b)
-    linearise = compile_jitted(lambda ys: scheme.linearise(ys), ys_full[1:])
+    scan = common.compile_jitted(lambda A, b: diffrax_deer.linear_recurrence(A, b, y0), A, b)
+    linearise = common.compile_jitted(lambda ys: scheme.linearise(ys), ys_full[1:])
 
     out = {}
     for key, compiled, args in (
@@ -170,7 +154,7 @@ def iteration_breakdown(problem: Problem, T: int, repeats: int) -> dict:
         ("scan_s", scan, (A, b)),
         ("linearise_s", linearise, (ys_full[1:],)),
     ):
-        out[key] = time_call(compiled.fn, *args, repeats=repeats).min_s
+        out[key] = common.time_call(compiled.fn, *args, repeats=repeats).min_s
     out["iteration_s"] = out["linearise_s"] + out["scan_s"]
     # Sanity check: the scan reproduces the trajectory it was linearised about.
     out["scan_residual"] = _max_err(scan.fn(A, b), ys_full[1:])
@@ -182,17 +166,36 @@ def iteration_breakdown(problem: Problem, T: int, repeats: int) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+
+def _log_row(problem, T, row, part, deer):
+    msg = (f"  {problem.name:9s} T={T:<8d} ours {common.fmt_time(row['ours_s']):>9s} "
+           f"({row['iters']}+{row['coarse_iters']}c it, compile {common.fmt_time(row['ours_compile_s'])}, "
+           f"{common.fmt_bytes(row.get('ours_bytes_per_point'))}/pt)")
+    if deer is not None:
+        msg += (f" | ref {common.fmt_time(row['ref_s']):>9s} (compile "
+                f"{common.fmt_time(row['ref_compile_s'])}) ratio {row['ours_over_ref']:.2f}, "
+                f"|diff| {row['diff_vs_ref']:.1e}")
+    if "ours_const_s" in row:
+        msg += (f" | ours, constant guess {common.fmt_time(row['ours_const_s'])} "
+                f"({row['ours_const_iters']} it)")
+    msg += f" | Tsit5 const {common.fmt_time(row['tsit5_s'])}"
+    if "lin_s" in part:
+        msg += (f" | per it: lin {common.fmt_time(part['lin_s'])}, expm "
+                f"{common.fmt_time(part['expm_s'])}, scan {common.fmt_time(part['scan_s'])}")
+    common.log(msg)
+
+
 def bench_problem(problem: Problem, grids, deer, opts) -> tuple[list[dict], list[dict]]:
     y0, args = problem.y0, problem.args
-    ref_acc = compile_jitted(adaptive_solve(problem, diffrax.Dopri8()), y0, args, 1e-12)
+    ref_acc = common.compile_jitted(adaptive_solve(problem, diffrax.Dopri8()), y0, args, 1e-12)
     y_exact = ref_acc.fn(y0, args, 1e-12)[0]
 
     rows, parts = [], []
     for T in grids:
         row = dict(problem=problem.name, D=problem.dim, T=T)
 
-        ours = compile_jitted(deer_solve(problem, T, RTOL, ATOL, opts.max_iters), y0, args)
-        t = time_call(ours.fn, y0, args, repeats=opts.repeats)
+        ours = common.compile_jitted(deer_solve(problem, T, RTOL, ATOL, opts.max_iters), y0, args)
+        t = common.time_call(ours.fn, y0, args, repeats=opts.repeats)
         y_ours, iters, ok, coarse = t.output
         row.update(ours_s=t.min_s, ours_median_s=t.median_s, iters=int(iters),
                    coarse_iters=int(coarse), ours_success=bool(ok),
@@ -202,17 +205,17 @@ def bench_problem(problem: Problem, grids, deer, opts) -> tuple[list[dict], list
             row["ours_bytes_per_point"] = ours.memory_bytes / T
 
         # Like for like with the reference: the same constant initial guess.
-        const = compile_jitted(deer_solve(problem, T, RTOL, ATOL, opts.max_iters,
+        const = common.compile_jitted(deer_solve(problem, T, RTOL, ATOL, opts.max_iters,
                                           initial_guess="constant"), y0, args)
-        t = time_call(const.fn, y0, args, repeats=opts.repeats)
+        t = common.time_call(const.fn, y0, args, repeats=opts.repeats)
         row.update(ours_const_s=t.min_s, ours_const_iters=int(t.output[1]),
                    ours_const_success=bool(t.output[2]))
 
         if deer is not None:
             tpts = jnp.linspace(problem.t0, problem.t1, T)
             xinp = jnp.zeros((T, 0))
-            ref = compile_jitted(reference_solve(deer, problem), y0, args, tpts, xinp)
-            t = time_call(ref.fn, y0, args, tpts, xinp, repeats=opts.repeats)
+            ref = common.compile_jitted(reference_solve(deer, problem), y0, args, tpts, xinp)
+            t = common.time_call(ref.fn, y0, args, tpts, xinp, repeats=opts.repeats)
             y_ref, ref_ok = t.output
             row.update(ref_s=t.min_s, ref_median_s=t.median_s, ref_success=bool(ref_ok),
                        ref_compile_s=ref.compile_s, ref_mem_bytes=ref.memory_bytes,
@@ -223,8 +226,8 @@ def bench_problem(problem: Problem, grids, deer, opts) -> tuple[list[dict], list
             if ref.memory_bytes is not None:
                 row["ref_bytes_per_point"] = ref.memory_bytes / T
 
-        const = compile_jitted(tsit5_constant_solve(problem, T), y0, args)
-        t = time_call(const.fn, y0, args, repeats=opts.repeats)
+        const = common.compile_jitted(tsit5_constant_solve(problem, T), y0, args)
+        t = common.time_call(const.fn, y0, args, repeats=opts.repeats)
         row.update(tsit5_s=t.min_s, tsit5_err=_max_err(t.output[0], y_exact))
         rows.append(row)
 
@@ -238,66 +241,52 @@ def bench_problem(problem: Problem, grids, deer, opts) -> tuple[list[dict], list
             part.update(iteration_breakdown(problem, T, opts.repeats))
         parts.append(part)
 
-        msg = (f"  {problem.name:9s} T={T:<8d} ours {fmt_time(row['ours_s']):>9s} "
-               f"({row['iters']}+{row['coarse_iters']}c it, compile {fmt_time(row['ours_compile_s'])}, "
-               f"{fmt_bytes(row.get('ours_bytes_per_point'))}/pt)")
-        if deer is not None:
-            msg += (f" | ref {fmt_time(row['ref_s']):>9s} (compile "
-                    f"{fmt_time(row['ref_compile_s'])}) ratio {row['ours_over_ref']:.2f}, "
-                    f"|diff| {row['diff_vs_ref']:.1e}")
-        if "ours_const_s" in row:
-            msg += (f" | ours, constant guess {fmt_time(row['ours_const_s'])} "
-                    f"({row['ours_const_iters']} it)")
-        msg += f" | Tsit5 const {fmt_time(row['tsit5_s'])}"
-        if "lin_s" in part:
-            msg += (f" | per it: lin {fmt_time(part['lin_s'])}, expm "
-                    f"{fmt_time(part['expm_s'])}, scan {fmt_time(part['scan_s'])}")
-        log(msg)
+        _log_row(problem, T, row, part, deer)
     return rows, parts
 
 
 MAIN_COLUMNS = [
-    Column("problem", "problem"),
-    Column("T", "T", "{:.0e}"),
-    Column("ours_s", "ours", fmt_time),
-    Column("ref_s", "reference", fmt_time),
-    Column("ours_over_ref", "ours/ref", fmt_ratio),
-    Column("iters", "our it."),
-    Column("coarse_iters", "coarse it."),
-    Column("ours_const_s", "ours, const. guess", fmt_time),
-    Column("ours_const_over_ref", "const./ref", fmt_ratio),
-    Column("ours_const_iters", "const. it."),
-    Column("diff_vs_ref", "max abs diff", fmt_sci),
-    Column("ours_err", "our err", fmt_sci),
-    Column("ref_err", "ref err", fmt_sci),
-    Column("ours_compile_s", "our compile", fmt_time),
-    Column("ref_compile_s", "ref compile", fmt_time),
-    Column("ours_bytes_per_point", "our mem/pt", fmt_bytes),
-    Column("ref_bytes_per_point", "ref mem/pt", fmt_bytes),
-    Column("tsit5_s", "Tsit5 const", fmt_time),
+    common.Column("problem", "problem"),
+    common.Column("T", "T", "{:.0e}"),
+    common.Column("ours_s", "ours", common.fmt_time),
+    common.Column("ref_s", "reference", common.fmt_time),
+    common.Column("ours_over_ref", "ours/ref", common.fmt_ratio),
+    common.Column("iters", "our it."),
+    common.Column("coarse_iters", "coarse it."),
+    common.Column("ours_const_s", "ours, const. guess", common.fmt_time),
+    common.Column("ours_const_over_ref", "const./ref", common.fmt_ratio),
+    common.Column("ours_const_iters", "const. it."),
+    common.Column("diff_vs_ref", "max abs diff", common.fmt_sci),
+    common.Column("ours_err", "our err", common.fmt_sci),
+    common.Column("ref_err", "ref err", common.fmt_sci),
+    common.Column("ours_compile_s", "our compile", common.fmt_time),
+    common.Column("ref_compile_s", "ref compile", common.fmt_time),
+    common.Column("ours_bytes_per_point", "our mem/pt", common.fmt_bytes),
+    common.Column("ref_bytes_per_point", "ref mem/pt", common.fmt_bytes),
+    common.Column("tsit5_s", "Tsit5 const", common.fmt_time),
 ]
 
 PART_COLUMNS = [
-    Column("problem", "problem"),
-    Column("T", "T", "{:.0e}"),
-    Column("iters", "it."),
-    Column("per_iter_in_solve_s", "solve / it.", fmt_time),
-    Column("lin_s", "linearisation", fmt_time),
-    Column("expm_s", "exponentials", fmt_time),
-    Column("scan_s", "scan", fmt_time),
-    Column("linearise_s", "linearise() total", fmt_time),
-    Column("iteration_s", "linearise + scan", fmt_time),
+    common.Column("problem", "problem"),
+    common.Column("T", "T", "{:.0e}"),
+    common.Column("iters", "it."),
+    common.Column("per_iter_in_solve_s", "solve / it.", common.fmt_time),
+    common.Column("lin_s", "linearisation", common.fmt_time),
+    common.Column("expm_s", "exponentials", common.fmt_time),
+    common.Column("scan_s", "scan", common.fmt_time),
+    common.Column("linearise_s", "linearise() total", common.fmt_time),
+    common.Column("iteration_s", "linearise + scan", common.fmt_time),
 ]
 
 
 def run_reference_comparison(opts):
     deer, status = import_reference()
-    log(describe_machine())
-    log(status)
-    log(f"grids {opts.grids}, repeats {opts.repeats}, rtol={RTOL} atol={ATOL}")
+    common.log(common.describe_machine())
+    common.log(status)
+    common.log(f"grids {opts.grids}, repeats {opts.repeats}, rtol={RTOL} atol={ATOL}")
     rows, parts = [], []
     for problem in classical_problems():
-        log(f"{problem.name} (D={problem.dim}, t in [{problem.t0}, {problem.t1}])")
+        common.log(f"{problem.name} (D={problem.dim}, t in [{problem.t0}, {problem.t1}])")
         r, p = bench_problem(problem, opts.grids, deer, opts)
         rows += r
         parts += p
@@ -309,7 +298,7 @@ def run_reference_comparison(opts):
         "listed. Both solve the same exponential-trapezoid scheme, so the final states "
         "should agree to about the Newton tolerance.")
     sections = [
-        Section("diffrax_deer vs the DEER reference (one window, same grid)",
+        common.Section("diffrax_deer vs the DEER reference (one window, same grid)",
                 MAIN_COLUMNS, rows,
                 description=(
                     f"Both at rtol={RTOL}, atol={ATOL} (the reference's float64 defaults). "
@@ -322,7 +311,7 @@ def run_reference_comparison(opts):
                     "diffrax Tsit5 with ConstantStepSize on the same grid.")),
     ]
     if not opts.no_breakdown:
-        sections.append(Section(
+        sections.append(common.Section(
             "Our cost per Newton iteration", PART_COLUMNS, parts,
             description=(
                 "Each part compiled and timed alone on the converged trajectory. "
@@ -333,14 +322,14 @@ def run_reference_comparison(opts):
                 "time divided by its iterations (it.; the constant-guess solve where the "
                 "library has a coarse-grid predictor), setup and convergence checks "
                 "included.")))
-    json_path, md_path = write_results(
+    json_path, md_path = common.write_results(
         opts.name or "reference", sections,
         title="Speed of the parallel core: diffrax_deer vs the DEER reference",
         config=dict(grids=list(opts.grids), rtol=RTOL, atol=ATOL,
                     max_iters=opts.max_iters, repeats=opts.repeats),
         notes=notes,
     )
-    log(f"wrote {json_path}\nwrote {md_path}")
+    common.log(f"wrote {json_path}\nwrote {md_path}")
 
 
 # --------------------------------------------------------------------------------------
@@ -359,7 +348,7 @@ def _memory_limit_bytes(cap_gb: float | None) -> int | None:
         except Exception:  # noqa: BLE001
             pass
     else:
-        limit = available_ram_bytes()
+        limit = common.available_ram_bytes()
     if cap_gb is not None:
         cap = int(cap_gb * 2**30)
         limit = cap if limit is None else min(limit, cap)
@@ -370,7 +359,7 @@ def max_grid_child(T: int, jacobian: str, opts) -> dict:
     """One attempt (runs in a subprocess): compile, check the memory estimate, solve."""
     problem = mlp_ode(opts.max_grid_dim)
     out = dict(T=T, jacobian=jacobian)
-    compiled = compile_jitted(
+    compiled = common.compile_jitted(
         deer_solve(problem, T, RTOL, ATOL, opts.max_iters, jacobian), problem.y0, problem.args
     )
     limit = _memory_limit_bytes(opts.max_grid_mem_gb)
@@ -378,51 +367,58 @@ def max_grid_child(T: int, jacobian: str, opts) -> dict:
                mem_limit_bytes=limit)
     if compiled.memory_bytes is not None and limit is not None \
             and compiled.memory_bytes > 0.95 * limit:
-        out["status"] = (f"not run: memory estimate {fmt_bytes(compiled.memory_bytes)} "
-                         f"above the limit {fmt_bytes(limit)}")
+        out["status"] = (f"not run: memory estimate {common.fmt_bytes(compiled.memory_bytes)} "
+                         f"above the limit {common.fmt_bytes(limit)}")
         return out
-    t = time_call(compiled.fn, problem.y0, problem.args, repeats=1)
+    t = common.time_call(compiled.fn, problem.y0, problem.args, repeats=1)
     _, iters, ok, coarse = t.output
     out.update(time_s=t.min_s, first_call_s=t.first_s, iters=int(iters),
                coarse_iters=int(coarse), success=bool(ok),
-               status="solved" if ok else "not converged", peak_rss_bytes=rss_peak_bytes())
+               status="solved" if ok else "not converged", peak_rss_bytes=common.rss_peak_bytes())
     return out
 
 
+
+def _attempt(opts, T, jacobian) -> dict:
+    """One window of `T` points solved in a child process: its RESULT line, or why
+    there is none (killed, failed, timed out)."""
+    cmd = [sys.executable, "-m", __spec__.name, "--_child", str(T), jacobian,
+           "--max-iters", str(opts.max_iters),
+           "--max-grid-dim", str(opts.max_grid_dim)]
+    if opts.max_grid_mem_gb is not None:
+        cmd += ["--max-grid-mem-gb", str(opts.max_grid_mem_gb)]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              timeout=opts.attempt_timeout, cwd=REPO)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode == 0 and lines:
+            result = json.loads(lines[-1][len("RESULT "):])
+        else:
+            how = (f"killed by signal {-proc.returncode} (out of memory?)"
+                   if proc.returncode < 0 else f"exit code {proc.returncode}")
+            tail = proc.stderr.strip().splitlines()[-1:] or [""]
+            result = dict(T=T, jacobian=jacobian, status=f"{how}: {tail[0][:200]}")
+    except subprocess.TimeoutExpired:
+        result = dict(T=T, jacobian=jacobian,
+                      status=f"timed out after {opts.attempt_timeout} s")
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
 def run_max_grid(opts):
-    log(describe_machine())
-    log(f"largest single DEER window for the D={opts.max_grid_dim} MLP neural ODE, "
+    common.log(common.describe_machine())
+    common.log(f"largest single DEER window for the D={opts.max_grid_dim} MLP neural ODE, "
         f"doubling T from {opts.max_grid_start:.0e} up to {opts.max_grid_limit:.0e}")
     attempts, best = [], []
     for jacobian in ("dense", "diagonal"):
         T, last_ok = opts.max_grid_start, None
         while T <= opts.max_grid_limit:
-            cmd = [sys.executable, __file__, "--_child", str(T), jacobian,
-                   "--max-iters", str(opts.max_iters),
-                   "--max-grid-dim", str(opts.max_grid_dim)]
-            if opts.max_grid_mem_gb is not None:
-                cmd += ["--max-grid-mem-gb", str(opts.max_grid_mem_gb)]
-            start = time.perf_counter()
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True,
-                                      timeout=opts.attempt_timeout)
-                lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-                if proc.returncode == 0 and lines:
-                    result = json.loads(lines[-1][len("RESULT "):])
-                else:
-                    how = (f"killed by signal {-proc.returncode} (out of memory?)"
-                           if proc.returncode < 0 else f"exit code {proc.returncode}")
-                    tail = proc.stderr.strip().splitlines()[-1:] or [""]
-                    result = dict(T=T, jacobian=jacobian, status=f"{how}: {tail[0][:200]}")
-            except subprocess.TimeoutExpired:
-                result = dict(T=T, jacobian=jacobian,
-                              status=f"timed out after {opts.attempt_timeout} s")
-            result["wall_s"] = time.perf_counter() - start
+            result = _attempt(opts, T, jacobian)
             attempts.append(result)
-            log(f"  {jacobian:8s} T={T:<11d} {result['status']}"
-                + (f": {fmt_time(result['time_s'])}, {result['iters']} it, "
-                   f"mem est. {fmt_bytes(result['mem_bytes'])}, peak RSS "
-                   f"{fmt_bytes(result['peak_rss_bytes'])}" if "time_s" in result else ""))
+            common.log(f"  {jacobian:8s} T={T:<11d} {result['status']}"
+                + (f": {common.fmt_time(result['time_s'])}, {result['iters']} it, "
+                   f"mem est. {common.fmt_bytes(result['mem_bytes'])}, peak RSS "
+                   f"{common.fmt_bytes(result['peak_rss_bytes'])}" if "time_s" in result else ""))
             if result["status"] != "solved":
                 break
             last_ok = result
@@ -433,25 +429,25 @@ def run_max_grid(opts):
         }), stopped_by=attempts[-1]["status"] if attempts[-1]["status"] != "solved"
             else f"reached --max-grid-limit {opts.max_grid_limit:.0e}"))
 
-    cols = [Column("jacobian", "jacobian"), Column("T", "largest T", "{:.3g}"),
-            Column("time_s", "time", fmt_time), Column("iters", "it."),
-            Column("mem_bytes", "XLA mem est.", fmt_bytes),
-            Column("peak_rss_bytes", "peak RSS", fmt_bytes),
-            Column("stopped_by", "next attempt")]
-    att_cols = [Column("jacobian", "jacobian"), Column("T", "T", "{:.3g}"),
-                Column("status", "status"), Column("time_s", "time", fmt_time),
-                Column("iters", "it."), Column("coarse_iters", "coarse it."),
-                Column("compile_s", "compile", fmt_time),
-                Column("mem_bytes", "XLA mem est.", fmt_bytes),
-                Column("peak_rss_bytes", "peak RSS", fmt_bytes),
-                Column("wall_s", "attempt wall", fmt_time)]
-    json_path, md_path = write_results(
+    cols = [common.Column("jacobian", "jacobian"), common.Column("T", "largest T", "{:.3g}"),
+            common.Column("time_s", "time", common.fmt_time), common.Column("iters", "it."),
+            common.Column("mem_bytes", "XLA mem est.", common.fmt_bytes),
+            common.Column("peak_rss_bytes", "peak RSS", common.fmt_bytes),
+            common.Column("stopped_by", "next attempt")]
+    att_cols = [common.Column("jacobian", "jacobian"), common.Column("T", "T", "{:.3g}"),
+                common.Column("status", "status"), common.Column("time_s", "time", common.fmt_time),
+                common.Column("iters", "it."), common.Column("coarse_iters", "coarse it."),
+                common.Column("compile_s", "compile", common.fmt_time),
+                common.Column("mem_bytes", "XLA mem est.", common.fmt_bytes),
+                common.Column("peak_rss_bytes", "peak RSS", common.fmt_bytes),
+                common.Column("wall_s", "attempt wall", common.fmt_time)]
+    json_path, md_path = common.write_results(
         opts.name or "maxgrid",
-        [Section("Largest single window", cols, best,
+        [common.Section("Largest single window", cols, best,
                  description=(f"D={opts.max_grid_dim} MLP neural ODE (tanh, width 64, depth 2, "
                               f"contractive) on [0, 10], rtol={RTOL}, atol={ATOL}, one "
                               "window; T doubled until an attempt fails.")),
-         Section("All attempts", att_cols, attempts)],
+         common.Section("All attempts", att_cols, attempts)],
         title="Largest grid one DEER window solves",
         config=dict(dim=opts.max_grid_dim, start=opts.max_grid_start,
                     limit=opts.max_grid_limit, max_iters=opts.max_iters,
@@ -460,7 +456,7 @@ def run_max_grid(opts):
         notes=["Each attempt runs in its own process; time is one steady-state call "
                "after a warm-up call; 'peak RSS' is that process' high-water mark."],
     )
-    log(f"wrote {json_path}\nwrote {md_path}")
+    common.log(f"wrote {json_path}\nwrote {md_path}")
 
 
 def main(argv=None):

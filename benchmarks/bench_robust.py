@@ -17,43 +17,25 @@ windows; windows), max-abs error against a tight sequential reference, steady-st
 wall time and compile time. Failures are timed too: how quickly a user learns that a
 configuration does not work is part of the trade-off.
 
-    .venv/bin/python benchmarks/bench_robust.py     # ~5 minutes on a 2-core CPU
+    .venv/bin/python -m benchmarks.bench_robust     # ~5 minutes on a 2-core CPU
 
 Results: `benchmarks/results/robust_<platform>_py<X.Y>.{json,md}`.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT.parent))  # the test suite's problem definitions
-
-from _common import (  # noqa: E402
-    Column,
-    compile_jitted,
-    describe_machine,
-    enable_float64,
-    fmt_sci,
-    fmt_time,
-    log,
-    Section,
-    time_call,
-    write_results,
-)
+from . import _common as common
 
 
-enable_float64()
+import diffrax
+import jax
+import jax.numpy as jnp
+import optimistix as optx
 
-import diffrax  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optimistix as optx  # noqa: E402
-
-import diffrax_deer  # noqa: E402
-from tests.helpers import HARD_PROBLEMS, reference_solution, sine_wave_gru  # noqa: E402
+import diffrax_deer
+from tests.helpers import HARD_PROBLEMS, reference_solution, sine_wave_gru
 
 
 METHODS = ("deer", "quasi-deer", "elk", "quasi-elk")
@@ -98,8 +80,8 @@ def ode_case(name, config, method):
         windows = state.num_windows if is_deer else sol.stats["num_steps"]
         return sol.ys, sol.result, iters, windows
 
-    compiled = compile_jitted(solve, y0)
-    timing = time_call(compiled.fn, y0, repeats=REPEATS, max_total_s=MAX_TOTAL_S)
+    compiled = common.compile_jitted(solve, y0)
+    timing = common.time_call(compiled.fn, y0, repeats=REPEATS, max_total_s=MAX_TOTAL_S)
     ys, result, iters, windows = timing.output
     ref = reference_solution(vf, y0, args, 0.0, t1, jnp.linspace(0, t1, 101))
     status = _result_name(result, diffrax.RESULTS)
@@ -130,8 +112,8 @@ def gru_case(method, max_iters):
             )
             return ys, stats.result, stats.num_iters
 
-    compiled = compile_jitted(fn, h0)
-    timing = time_call(compiled.fn, h0, repeats=REPEATS, max_total_s=MAX_TOTAL_S)
+    compiled = common.compile_jitted(fn, h0)
+    timing = common.time_call(compiled.fn, h0, repeats=REPEATS, max_total_s=MAX_TOTAL_S)
     ref = jax.lax.scan(step, h0, None, length=GRU_LENGTH)[1]
     if method is None:
         ys, status, iters = timing.output, "successful", None
@@ -152,35 +134,36 @@ def gru_case(method, max_iters):
 
 
 COLUMNS = [
-    Column("problem", "problem"),
-    Column("config", "configuration"),
-    Column("method", "method"),
-    Column("result", "result"),
-    Column("iters", "Newton it."),
-    Column("windows", "windows / steps"),
-    Column("err", "max err", fmt_sci),
-    Column("time_s", "time", fmt_time),
-    Column("compile_s", "compile", fmt_time),
+    common.Column("problem", "problem"),
+    common.Column("config", "configuration"),
+    common.Column("method", "method"),
+    common.Column("result", "result"),
+    common.Column("iters", "Newton it."),
+    common.Column("windows", "windows / steps"),
+    common.Column("err", "max err", common.fmt_sci),
+    common.Column("time_s", "time", common.fmt_time),
+    common.Column("compile_s", "compile", common.fmt_time),
 ]
 
 
 def main():
-    log(describe_machine())
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+    common.log(common.describe_machine())
     ode_rows = []
     for name in HARD_PROBLEMS:
         for config in ("one window", "PID windows"):
             for method in (*METHODS, None):
-                log(f"{name} / {config} / {method or 'Tsit5'}")
+                common.log(f"{name} / {config} / {method or 'Tsit5'}")
                 ode_rows.append(ode_case(name, config, method))
-                log(f"  {ode_rows[-1]}")
+                common.log(f"  {ode_rows[-1]}")
     gru_rows = [gru_case(None, None)]
     for max_iters in (100, 400):
         for method in METHODS:
-            log(f"GRU / {method} / max_iters={max_iters}")
+            common.log(f"GRU / {method} / max_iters={max_iters}")
             gru_rows.append(gru_case(method, max_iters))
-            log(f"  {gru_rows[-1]}")
+            common.log(f"  {gru_rows[-1]}")
     sections = [
-        Section(
+        common.Section(
             "Hard ODEs through diffrax.diffeqsolve",
             COLUMNS,
             ode_rows,
@@ -196,7 +179,7 @@ def main():
                 "the failures: a non-successful result is returned with `throw=False`."
             ),
         ),
-        Section(
+        common.Section(
             "Autoregressive sine-wave GRU through diffrax_deer.scan",
             COLUMNS,
             gru_rows,
@@ -207,7 +190,7 @@ def main():
             ),
         ),
     ]
-    write_results(
+    common.write_results(
         "robust",
         sections,
         title="Robustness: hard cases, all methods, next to sequential evaluation",

@@ -18,9 +18,9 @@ Optionally (`--grad`; always one small case in `--quick`) the same for one
 `value_and_grad` of a loss on the outputs with respect to the cell's weights (training).
 `--quick` skips deer / quasi-deer where T * D^2 > 1e7 (seconds per call here).
 
-    .venv/bin/python benchmarks/bench_scan.py --quick    # ~3 minutes on a 2-core CPU
-    .venv/bin/python benchmarks/bench_scan.py            # hidden 1/8/64, T up to 1e5
-    .venv/bin/python benchmarks/bench_scan.py --hidden 8 --T 1000 100000 --batch 4
+    .venv/bin/python -m benchmarks.bench_scan --quick    # ~3 minutes on a 2-core CPU
+    .venv/bin/python -m benchmarks.bench_scan            # hidden 1/8/64, T up to 1e5
+    .venv/bin/python -m benchmarks.bench_scan --hidden 8 --T 1000 100000 --batch 4
 
 Results: `benchmarks/results/scan[_quick]_<platform>_py<X.Y>.{json,md}`.
 """
@@ -29,61 +29,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
-    available_ram_bytes,
-    Column,
-    compile_jitted,
-    describe_machine,
-    enable_float64,
-    fmt_bytes,
-    fmt_ratio,
-    fmt_sci,
-    fmt_time,
-    log,
-    Section,
-    time_call,
-    write_results,
-)
 
 
-enable_float64()
+from . import _common as common
 
-import equinox as eqx  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import jax.random as jr  # noqa: E402
 
-import diffrax_deer  # noqa: E402
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+
+import diffrax_deer
 
 
 INPUT_SIZE = 4
 # "quasi-deer+diag": quasi-DEER given the GRU's Jacobian diagonal in closed form
-# (`jacobian_diagonal=`), one cell evaluation instead of D Jacobian-vector products.
+# (`jacobian_diagonal=diffrax_deer.gru_jacobian_diagonal(cell)`), one cell evaluation
+# instead of D Jacobian-vector products.
 METHODS = ("deer", "quasi-deer", "quasi-deer+diag")
-
-
-def gru_jacobian_diagonal(cell: eqx.nn.GRUCell, h, x):
-    """Diagonal of d cell(x, h) / dh for `equinox.nn.GRUCell`, in closed form:
-    with h' = n + z (h - n), dh'_i/dh_i = (1 - z_i) dn_i + z_i + (h_i - n_i) dz_i."""
-    d = cell.hidden_size
-    ig = jnp.split(cell.weight_ih @ x + cell.bias, 3)
-    hg = jnp.split(cell.weight_hh @ h, 3)
-    w = cell.weight_hh
-    idx = jnp.arange(d)
-    w_r, w_z, w_n = w[idx, idx], w[d + idx, idx], w[2 * d + idx, idx]
-    r = jax.nn.sigmoid(ig[0] + hg[0])
-    z = jax.nn.sigmoid(ig[1] + hg[1])
-    pre = hg[2] + cell.bias_n
-    n = jnp.tanh(ig[2] + r * pre)
-    dr = r * (1 - r) * w_r
-    dz = z * (1 - z) * w_z
-    dn = (1 - n**2) * (r * w_n + pre * dr)
-    return (1 - z) * dn + z + (h - n) * dz
 
 
 def default_batch(hidden: int, T: int) -> int:
@@ -119,7 +82,7 @@ def forward_fn(method: str):
         if method == "quasi-deer+diag":
             kwargs = dict(
                 method="quasi-deer",
-                jacobian_diagonal=lambda h, x: gru_jacobian_diagonal(cell, h, x),
+                jacobian_diagonal=diffrax_deer.gru_jacobian_diagonal(cell),
             )
         else:
             kwargs = dict(method=method)
@@ -149,15 +112,27 @@ def grad_fn(method: str):
 
 
 def _fits(memory: int | None, budget_fraction: float = 0.6) -> bool:
-    available = available_ram_bytes()
+    available = common.available_ram_bytes()
     return memory is None or available is None or memory < budget_fraction * available
+
+
+def _error(out, ref, mode) -> float:
+    """Forward: max-abs difference of the outputs; gradients: the largest max-abs
+    difference of a weight array relative to its largest entry."""
+    if mode == "forward":
+        return float(jnp.max(jnp.abs(out[0] - ref[0])))
+    g, g_ref = eqx.filter(out[1], eqx.is_array), eqx.filter(ref[1], eqx.is_array)
+    return max(
+        float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-300))
+        for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref))
+    )
 
 
 def run_case(hidden, T, batch, repeats, max_total_s, mode, methods, skip_above):
     cell, h0, xs = make_problem(hidden, T, batch)
     make = forward_fn if mode == "forward" else grad_fn
-    base = compile_jitted(make("lax"), cell, h0, xs)
-    lax_timing = time_call(base.fn, cell, h0, xs, repeats=repeats, max_total_s=max_total_s)
+    base = common.compile_jitted(make("lax"), cell, h0, xs)
+    lax_timing = common.time_call(base.fn, cell, h0, xs, repeats=repeats, max_total_s=max_total_s)
     ref = lax_timing.output
     rows = []
     for method in methods:
@@ -172,33 +147,26 @@ def run_case(hidden, T, batch, repeats, max_total_s, mode, methods, skip_above):
         if skip_above is not None and expensive and hidden * hidden * T > skip_above:
             row["note"] = f"skipped: T*D^2 > {skip_above:.0e}"
             rows.append(row)
-            log(f"  {method:10s} skipped (T*D^2 > {skip_above:.0e})")
+            common.log(f"  {method:10s} skipped (T*D^2 > {skip_above:.0e})")
             continue
         try:
-            compiled = compile_jitted(make(method), cell, h0, xs)
+            compiled = common.compile_jitted(make(method), cell, h0, xs)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory while compiling
             row["note"] = f"compile failed: {type(e).__name__}"
             rows.append(row)
             continue
         row.update(compile_s=compiled.compile_s, mem=compiled.memory_bytes)
         if not _fits(compiled.memory_bytes):
-            row["note"] = f"skipped: needs {fmt_bytes(compiled.memory_bytes)}"
+            row["note"] = f"skipped: needs {common.fmt_bytes(compiled.memory_bytes)}"
             rows.append(row)
-            log(f"  {method:10s} skipped ({row['note']})")
+            common.log(f"  {method:10s} skipped ({row['note']})")
             continue
-        timing = time_call(
+        timing = common.time_call(
             compiled.fn, cell, h0, xs, repeats=repeats, max_total_s=max_total_s
         )
         out = timing.output
         iters = out[-1]
-        if mode == "forward":
-            err = float(jnp.max(jnp.abs(out[0] - ref[0])))
-        else:
-            g, g_ref = eqx.filter(out[1], eqx.is_array), eqx.filter(ref[1], eqx.is_array)
-            err = max(
-                float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-300))
-                for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref))
-            )
+        err = _error(out, ref, mode)
         row.update(
             time_s=timing.min_s,
             median_s=timing.median_s,
@@ -209,34 +177,34 @@ def run_case(hidden, T, batch, repeats, max_total_s, mode, methods, skip_above):
             speedup=lax_timing.min_s / timing.min_s,
         )
         rows.append(row)
-        log(
-            f"  {method:10s} {fmt_time(timing.min_s):>9s} (lax {fmt_time(lax_timing.min_s)}) "
+        common.log(
+            f"  {method:10s} {common.fmt_time(timing.min_s):>9s} (lax {common.fmt_time(lax_timing.min_s)}) "
             f"iters max {row['iters_max']} mean {row['iters_mean']:.1f}  err {err:.1e}  "
-            f"mem {fmt_bytes(compiled.memory_bytes)} (lax {fmt_bytes(base.memory_bytes)})  "
+            f"mem {common.fmt_bytes(compiled.memory_bytes)} (lax {common.fmt_bytes(base.memory_bytes)})  "
             f"compile {compiled.compile_s:.1f} s"
         )
     return rows
 
 
 COLUMNS = [
-    Column("hidden", "hidden D"),
-    Column("T", "T", lambda t: f"{t:.0e}"),
-    Column("batch", "batch"),
-    Column("method", "method"),
-    Column("iters_max", "Newton it. (max)"),
-    Column("iters_mean", "it. (mean)", "{:.1f}"),
-    Column("time_s", "scan", fmt_time),
-    Column("lax_s", "lax.scan", fmt_time),
-    Column("speedup", "lax/scan", fmt_ratio),
-    Column("mem", "scan mem", fmt_bytes),
-    Column("lax_mem", "lax mem", fmt_bytes),
-    Column("err", "max err", fmt_sci),
-    Column("compile_s", "compile", fmt_time),
-    Column("note", "note"),
+    common.Column("hidden", "hidden D"),
+    common.Column("T", "T", lambda t: f"{t:.0e}"),
+    common.Column("batch", "batch"),
+    common.Column("method", "method"),
+    common.Column("iters_max", "Newton it. (max)"),
+    common.Column("iters_mean", "it. (mean)", "{:.1f}"),
+    common.Column("time_s", "scan", common.fmt_time),
+    common.Column("lax_s", "lax.scan", common.fmt_time),
+    common.Column("speedup", "lax/scan", common.fmt_ratio),
+    common.Column("mem", "scan mem", common.fmt_bytes),
+    common.Column("lax_mem", "lax mem", common.fmt_bytes),
+    common.Column("err", "max err", common.fmt_sci),
+    common.Column("compile_s", "compile", common.fmt_time),
+    common.Column("note", "note"),
 ]
 
 
-def main():
+def _options():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small grid, few repeats")
     parser.add_argument("--hidden", type=int, nargs="+", default=None)
@@ -246,46 +214,27 @@ def main():
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--grad", action="store_true", help="also time value_and_grad")
     args = parser.parse_args()
-
+    args.hidden = args.hidden or [1, 8, 64]
+    args.T = args.T or [1_000, 10_000, 100_000]
     if args.quick:
-        hiddens = args.hidden or [1, 8, 64]
-        Ts = args.T or [1_000, 10_000, 100_000]
-        repeats = args.repeats or 3
-        max_total_s = 3.0
+        args.repeats = args.repeats or 3
+        args.max_total_s = 3.0
         # T * D^2 above this: a call of deer / quasi-deer takes > ~5 s on this CPU.
-        skip_above = 1e7
-        grad_cases = [(8, 1_000)]
+        args.skip_above = 1e7
+        args.grad_cases = [(8, 1_000)]
     else:
-        hiddens = args.hidden or [1, 8, 64]
-        Ts = args.T or [1_000, 10_000, 100_000]
-        repeats = args.repeats or 5
-        max_total_s = 20.0
-        skip_above = None
-        grad_cases = [(h, t) for h in hiddens for t in Ts if h * h * t <= 1e7]
+        args.repeats = args.repeats or 5
+        args.max_total_s = 20.0
+        args.skip_above = None
+        args.grad_cases = [(h, t) for h in args.hidden for t in args.T if h * h * t <= 1e7]
     if not (args.grad or args.quick):
-        grad_cases = []
+        args.grad_cases = []
+    return args
 
-    log(describe_machine())
-    load_start = os.getloadavg()[0]
-    forward_rows = []
-    for hidden in hiddens:
-        for T in Ts:
-            batch = args.batch or default_batch(hidden, T)
-            log(f"GRU hidden {hidden}, T {T:.0e}, batch {batch}")
-            forward_rows += run_case(
-                hidden, T, batch, repeats, max_total_s, "forward", args.methods,
-                skip_above,
-            )
-    grad_rows = []
-    for hidden, T in grad_cases:
-        batch = args.batch or default_batch(hidden, T)
-        log(f"value_and_grad: GRU hidden {hidden}, T {T:.0e}, batch {batch}")
-        grad_rows += run_case(
-            hidden, T, batch, repeats, max_total_s, "grad", args.methods, skip_above
-        )
 
+def _sections(forward_rows, grad_rows):
     sections = [
-        Section(
+        common.Section(
             "Forward evaluation: GRU, diffrax_deer.scan vs jax.lax.scan",
             COLUMNS,
             forward_rows,
@@ -303,7 +252,7 @@ def main():
     ]
     if grad_rows:
         sections.append(
-            Section(
+            common.Section(
                 "Training step: value_and_grad w.r.t. the GRU's weights",
                 COLUMNS,
                 grad_rows,
@@ -316,39 +265,59 @@ def main():
                 ),
             )
         )
-    notes = [
+    return sections
+
+
+def _notes(load_start):
+    load_end = os.getloadavg()[0]
+    cores = len(os.sched_getaffinity(0))
+    competing = (
+        ": other processes were competing for the CPU, so absolute times may be inflated."
+        if load_start > 0.5
+        else "."
+    )
+    return [
         "CPU with 2 cores: the parallel scan has almost no parallel hardware to use, so "
         "this measures the work of the parallel methods (several Newton iterations, "
         "each a batched Jacobian plus a linear scan) against a tight sequential loop; "
         "the DEER paper's speed-ups are on GPUs.",
-    ]
-    load_end = os.getloadavg()[0]
-    cores = len(os.sched_getaffinity(0))
-    notes.append(
         f"1-minute load average {load_start:.2f} just before the run (other "
         f"processes) and {load_end:.2f} at its end (this benchmark included), on "
-        f"{cores} usable cores"
-        + (
-            ": other processes were competing for the CPU, so absolute times may be "
-            "inflated."
-            if load_start > 0.5
-            else "."
+        f"{cores} usable cores" + competing,
+    ]
+
+
+def _run_cases(args, cases, mode):
+    rows = []
+    for hidden, T in cases:
+        batch = args.batch or default_batch(hidden, T)
+        common.log(f"{mode}: GRU hidden {hidden}, T {T:.0e}, batch {batch}")
+        rows += run_case(
+            hidden, T, batch, args.repeats, args.max_total_s, mode, args.methods,
+            args.skip_above,
         )
-    )
+    return rows
+
+
+def main():
+    args = _options()
+    common.log(common.describe_machine())
+    load_start = os.getloadavg()[0]
+    forward_rows = _run_cases(args, [(h, T) for h in args.hidden for T in args.T], "forward")
+    grad_rows = _run_cases(args, args.grad_cases, "grad")
     name = "scan_quick" if args.quick else "scan"
-    json_path, md_path = write_results(
+    json_path, md_path = common.write_results(
         name,
-        sections,
+        _sections(forward_rows, grad_rows),
         title="diffrax_deer.scan vs jax.lax.scan (GRU)",
         config=dict(
-            hidden=hiddens, T=Ts, input_size=INPUT_SIZE, repeats=repeats,
+            hidden=args.hidden, T=args.T, input_size=INPUT_SIZE, repeats=args.repeats,
             methods=list(args.methods), batch=args.batch or "by size",
-            skip_dense_above_TD2=skip_above,
+            skip_dense_above_TD2=args.skip_above,
         ),
-        notes=notes,
+        notes=_notes(load_start),
     )
-    log(f"wrote {json_path} and {md_path}")
-
+    common.log(f"wrote {json_path} and {md_path}")
 
 if __name__ == "__main__":
     main()

@@ -14,9 +14,9 @@ Errors are the max-abs difference at `t1` against Dopri8 with `rtol = atol = 1e-
 Per case it records: steady-state wall time (min and median), Newton iterations,
 compile time, XLA's memory estimate of one call, and both solvers' errors.
 
-    .venv/bin/python benchmarks/bench_solver.py --quick      # T <= 1e5, a few minutes
-    .venv/bin/python benchmarks/bench_solver.py              # T up to 1e6
-    .venv/bin/python benchmarks/bench_solver.py --max-T 10000 --problems vdp mlp8
+    .venv/bin/python -m benchmarks.bench_solver --quick      # T <= 1e5, a few minutes
+    .venv/bin/python -m benchmarks.bench_solver              # T up to 1e6
+    .venv/bin/python -m benchmarks.bench_solver --max-T 10000 --problems vdp mlp8
 
 Results: `benchmarks/results/solver[_quick]_<platform>_py<X.Y>.{json,md}`.
 """
@@ -24,37 +24,18 @@ Results: `benchmarks/results/solver[_quick]_<platform>_py<X.Y>.{json,md}`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import sys
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
-    Column,
-    compile_jitted,
-    describe_machine,
-    enable_float64,
-    fmt_bytes,
-    fmt_ratio,
-    fmt_sci,
-    fmt_time,
-    log,
-    Section,
-    time_call,
-    write_results,
-)
+from . import _common as common
 
 
-enable_float64()
+import diffrax
 
-import diffrax  # noqa: E402
-
-import diffrax_deer  # noqa: E402
-from _problems import classical_problems, mlp_ode, Problem  # noqa: E402
+import diffrax_deer
+from ._problems import classical_problems, mlp_ode, Problem
 
 
 GRIDS = (1_000, 10_000, 100_000, 1_000_000)
@@ -135,16 +116,39 @@ def adaptive_solve(problem: Problem, solver=None, max_steps: int = 2**20):
 # --------------------------------------------------------------------------------------
 
 
+
+def _time_tsit5(problem, T, row, sweep, adaptive, y_ref, opts):
+    """Into `row`: Tsit5 with constant steps on DEER's grid, and adaptive Tsit5 at
+    (at least) DEER's accuracy, the tolerance picked from the `sweep`."""
+    y0, args = problem.y0, problem.args
+    # --- Tsit5, constant steps on the same grid -----------------------------------
+    const = common.compile_jitted(tsit5_constant_solve(problem, T), y0, args)
+    t = common.time_call(const.fn, y0, args, repeats=opts.repeats)
+    row.update(tsit5_const_s=t.min_s, tsit5_const_median_s=t.median_s,
+               tsit5_const_compile_s=const.compile_s,
+               tsit5_const_err=_max_err(t.output[0], y_ref))
+
+    # --- Tsit5 adaptive at (at least) DEER's accuracy ------------------------------
+    good = [s for s in sweep if s[1] <= row["deer_err"]]
+    tol, err, steps = max(good) if good else min(sweep)
+    t = common.time_call(adaptive.fn, y0, args, tol, repeats=opts.repeats)
+    row.update(adaptive_tol=tol, adaptive_err=err, adaptive_steps=steps,
+               adaptive_s=t.min_s, adaptive_median_s=t.median_s,
+               adaptive_compile_s=adaptive.compile_s,
+               adaptive_matched=bool(good))
+    if not good:
+        row["note"] = "Tsit5 misses DEER's error even at tol 1e-12"
+
 def bench_problem(problem: Problem, grids, opts) -> list[dict]:
     y0, args = problem.y0, problem.args
     D = problem.dim
 
     # High-accuracy reference at t1.
-    ref_fn = compile_jitted(adaptive_solve(problem, diffrax.Dopri8()), y0, args, REF_TOL)
+    ref_fn = common.compile_jitted(adaptive_solve(problem, diffrax.Dopri8()), y0, args, REF_TOL)
     y_ref = ref_fn.fn(y0, args, REF_TOL)[0]
 
     # Tsit5 adaptive: one compilation, error and step count for every tolerance.
-    adaptive = compile_jitted(adaptive_solve(problem), y0, args, 1e-3)
+    adaptive = common.compile_jitted(adaptive_solve(problem), y0, args, 1e-3)
     sweep = []
     for tol in SWEEP_TOLS:
         y1, steps = adaptive.fn(y0, args, tol)
@@ -161,81 +165,65 @@ def bench_problem(problem: Problem, grids, opts) -> list[dict]:
     for T in sorted(grids):
         row = dict(problem=problem.name, D=D, T=T)
         if opts.max_work is not None and T * D * D > opts.max_work:
-            log(f"  {problem.name} T={T:.0e}: skipped (T*D^2 > --max-work {opts.max_work:.0e})")
+            common.log(f"  {problem.name} T={T:.0e}: skipped (T*D^2 > --max-work {opts.max_work:.0e})")
             rows.append({**row, "note": "skipped: --max-work"})
             continue
         if bytes_per_point is not None and bytes_per_point * T > budget:
-            log(f"  {problem.name} T={T:.0e}: skipped (estimated "
-                f"{fmt_bytes(bytes_per_point * T)} > budget {opts.mem_budget_gb} GiB)")
-            rows.append({**row, "note": f"skipped: ~{fmt_bytes(bytes_per_point * T)}"})
+            common.log(f"  {problem.name} T={T:.0e}: skipped (estimated "
+                f"{common.fmt_bytes(bytes_per_point * T)} > budget {opts.mem_budget_gb} GiB)")
+            rows.append({**row, "note": f"skipped: ~{common.fmt_bytes(bytes_per_point * T)}"})
             continue
 
         # --- DEER --------------------------------------------------------------------
-        deer = compile_jitted(deer_solve(problem, T, opts.rtol, opts.atol, opts.max_iters),
+        deer = common.compile_jitted(deer_solve(problem, T, opts.rtol, opts.atol, opts.max_iters),
                               y0, args)
         row.update(deer_compile_s=deer.compile_s, deer_mem_bytes=deer.memory_bytes)
         if deer.memory_bytes is not None:
             bytes_per_point = deer.memory_bytes / T
         if deer.memory_bytes is not None and deer.memory_bytes > budget:
-            log(f"  {problem.name} T={T:.0e}: skipped (compiled program needs "
-                f"{fmt_bytes(deer.memory_bytes)})")
-            rows.append({**row, "note": f"skipped: {fmt_bytes(deer.memory_bytes)}"})
+            common.log(f"  {problem.name} T={T:.0e}: skipped (compiled program needs "
+                f"{common.fmt_bytes(deer.memory_bytes)})")
+            rows.append({**row, "note": f"skipped: {common.fmt_bytes(deer.memory_bytes)}"})
             continue
-        t = time_call(deer.fn, y0, args, repeats=opts.repeats)
+        t = common.time_call(deer.fn, y0, args, repeats=opts.repeats)
         y1, iters, ok, coarse = t.output
         row.update(deer_s=t.min_s, deer_median_s=t.median_s, deer_repeats=t.repeats,
                    iters=int(iters), coarse_iters=int(coarse), success=bool(ok),
                    deer_err=_max_err(y1, y_ref))
 
-        # --- Tsit5, constant steps on the same grid -----------------------------------
-        const = compile_jitted(tsit5_constant_solve(problem, T), y0, args)
-        t = time_call(const.fn, y0, args, repeats=opts.repeats)
-        row.update(tsit5_const_s=t.min_s, tsit5_const_median_s=t.median_s,
-                   tsit5_const_compile_s=const.compile_s,
-                   tsit5_const_err=_max_err(t.output[0], y_ref))
-
-        # --- Tsit5 adaptive at (at least) DEER's accuracy ------------------------------
-        good = [s for s in sweep if s[1] <= row["deer_err"]]
-        tol, err, steps = max(good) if good else min(sweep)
-        t = time_call(adaptive.fn, y0, args, tol, repeats=opts.repeats)
-        row.update(adaptive_tol=tol, adaptive_err=err, adaptive_steps=steps,
-                   adaptive_s=t.min_s, adaptive_median_s=t.median_s,
-                   adaptive_compile_s=adaptive.compile_s,
-                   adaptive_matched=bool(good))
-        if not good:
-            row["note"] = "Tsit5 misses DEER's error even at tol 1e-12"
+        _time_tsit5(problem, T, row, sweep, adaptive, y_ref, opts)
         row["const_over_deer"] = row["tsit5_const_s"] / row["deer_s"]
         row["adaptive_over_deer"] = row["adaptive_s"] / row["deer_s"]
         rows.append(row)
-        log(f"  {problem.name:9s} D={D:<3d} T={T:<8d} DEER {fmt_time(row['deer_s']):>9s} "
+        common.log(f"  {problem.name:9s} D={D:<3d} T={T:<8d} DEER {common.fmt_time(row['deer_s']):>9s} "
             f"({row['iters']}+{row['coarse_iters']}c it, err {row['deer_err']:.1e}, compile "
-            f"{fmt_time(row['deer_compile_s'])}, mem {fmt_bytes(row['deer_mem_bytes'])}) | "
-            f"Tsit5 const {fmt_time(row['tsit5_const_s']):>9s} | Tsit5 adaptive "
-            f"{fmt_time(row['adaptive_s']):>9s} (tol {tol:.0e}, {steps} steps, "
-            f"err {err:.1e})")
+            f"{common.fmt_time(row['deer_compile_s'])}, mem {common.fmt_bytes(row['deer_mem_bytes'])}) | "
+            f"Tsit5 const {common.fmt_time(row['tsit5_const_s']):>9s} | Tsit5 adaptive "
+            f"{common.fmt_time(row['adaptive_s']):>9s} (tol {row['adaptive_tol']:.0e}, "
+            f"{row['adaptive_steps']} steps, err {row['adaptive_err']:.1e})")
     return rows
 
 
 COLUMNS = [
-    Column("problem", "problem"),
-    Column("D", "D"),
-    Column("T", "T", "{:.0e}"),
-    Column("deer_s", "DEER", fmt_time),
-    Column("iters", "Newton it."),
-    Column("coarse_iters", "coarse it."),
-    Column("success", "ok"),
-    Column("deer_err", "DEER err", fmt_sci),
-    Column("deer_compile_s", "DEER compile", fmt_time),
-    Column("deer_mem_bytes", "DEER mem", fmt_bytes),
-    Column("tsit5_const_s", "Tsit5 const", fmt_time),
-    Column("tsit5_const_err", "Tsit5 const err", fmt_sci),
-    Column("adaptive_s", "Tsit5 adapt.", fmt_time),
-    Column("adaptive_tol", "adapt. tol", "{:.0e}"),
-    Column("adaptive_steps", "adapt. steps"),
-    Column("adaptive_err", "adapt. err", fmt_sci),
-    Column("const_over_deer", "const/DEER", fmt_ratio),
-    Column("adaptive_over_deer", "adapt./DEER", fmt_ratio),
-    Column("note", "note"),
+    common.Column("problem", "problem"),
+    common.Column("D", "D"),
+    common.Column("T", "T", "{:.0e}"),
+    common.Column("deer_s", "DEER", common.fmt_time),
+    common.Column("iters", "Newton it."),
+    common.Column("coarse_iters", "coarse it."),
+    common.Column("success", "ok"),
+    common.Column("deer_err", "DEER err", common.fmt_sci),
+    common.Column("deer_compile_s", "DEER compile", common.fmt_time),
+    common.Column("deer_mem_bytes", "DEER mem", common.fmt_bytes),
+    common.Column("tsit5_const_s", "Tsit5 const", common.fmt_time),
+    common.Column("tsit5_const_err", "Tsit5 const err", common.fmt_sci),
+    common.Column("adaptive_s", "Tsit5 adapt.", common.fmt_time),
+    common.Column("adaptive_tol", "adapt. tol", "{:.0e}"),
+    common.Column("adaptive_steps", "adapt. steps"),
+    common.Column("adaptive_err", "adapt. err", common.fmt_sci),
+    common.Column("const_over_deer", "const/DEER", common.fmt_ratio),
+    common.Column("adaptive_over_deer", "adapt./DEER", common.fmt_ratio),
+    common.Column("note", "note"),
 ]
 
 
@@ -269,16 +257,16 @@ def main(argv=None):
     problems = classical_problems() + [mlp_ode(D) for D in MLP_DIMS]
     if opts.problems:
         problems = [p for p in problems if p.name in opts.problems]
-    log(describe_machine())
-    log(f"grids {grids}, repeats {opts.repeats}, DEER rtol={opts.rtol} atol={opts.atol}")
+    common.log(common.describe_machine())
+    common.log(f"grids {grids}, repeats {opts.repeats}, DEER rtol={opts.rtol} atol={opts.atol}")
 
     rows = []
     for problem in problems:
-        log(f"{problem.name} (D={problem.dim}, t in [{problem.t0}, {problem.t1}])")
+        common.log(f"{problem.name} (D={problem.dim}, t in [{problem.t0}, {problem.t1}])")
         rows += bench_problem(problem, grids, opts)
 
     name = opts.name or ("solver_quick" if opts.quick else "solver")
-    section = Section(
+    section = common.Section(
         "DEER (one window) vs diffrax Tsit5", COLUMNS, rows,
         description=(
             "DEER: one window of T points (`dt0 = t1 - t0`), library defaults apart from "
@@ -291,7 +279,7 @@ def main(argv=None):
             "mean DEER is faster."
         ),
     )
-    json_path, md_path = write_results(
+    json_path, md_path = common.write_results(
         name, [section], title="DEER as a diffrax solver",
         config=dict(grids=list(grids), rtol=opts.rtol, atol=opts.atol,
                     max_iters=opts.max_iters, repeats=opts.repeats, max_work=opts.max_work,
@@ -299,7 +287,7 @@ def main(argv=None):
         notes=["Float64 throughout; on a CPU the parallel scan runs on few cores, "
                "so this measures work, not parallel speed-up."],
     )
-    log(f"wrote {json_path}\nwrote {md_path}")
+    common.log(f"wrote {json_path}\nwrote {md_path}")
 
 
 if __name__ == "__main__":

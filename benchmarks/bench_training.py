@@ -23,8 +23,8 @@ Hamiltonian neural network of `notebooks/hamiltonian_nn.ipynb` (two bodies, D = 
 `MLP(8, 1, 64, depth=2, softplus)`, a symplectic gradient: the vector field is itself a
 gradient), and Van der Pol (mu = 1, parameter mu).
 
-    .venv/bin/python benchmarks/bench_training.py --quick     # T in {1e3, 1e4}
-    .venv/bin/python benchmarks/bench_training.py             # T up to 1e5
+    .venv/bin/python -m benchmarks.bench_training --quick     # T in {1e3, 1e4}
+    .venv/bin/python -m benchmarks.bench_training             # T up to 1e5
 
 Results: `benchmarks/results/training[_quick]_<platform>_py<X.Y>.{json,md}`.
 """
@@ -32,38 +32,21 @@ Results: `benchmarks/results/training[_quick]_<platform>_py<X.Y>.{json,md}`.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
-    Column,
-    compile_jitted,
-    enable_float64,
-    fmt_bytes,
-    fmt_ratio,
-    fmt_sci,
-    fmt_time,
-    log,
-    Section,
-    time_call,
-    write_results,
-)
+from . import _common as common
 
 
-enable_float64()
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
 
-import diffrax  # noqa: E402
-import equinox as eqx  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import jax.random as jr  # noqa: E402
-
-import diffrax_deer  # noqa: E402
-import diffrax_deer._implicit as _implicit  # noqa: E402
+import diffrax_deer
+import diffrax_deer._implicit as _implicit
 
 
 T1 = 5.0
@@ -155,15 +138,15 @@ def _time_all(row, fns, params, tangent, repeats, label):
     compile times, ratios to the forward solve and the gradient's memory estimate."""
     for key, fn in fns.items():
         args = (params, tangent) if key == "jvp" else (params,)
-        compiled = compile_jitted(fn, *args)
-        timing = time_call(compiled.fn, *args, repeats=repeats)
+        compiled = common.compile_jitted(fn, *args)
+        timing = common.time_call(compiled.fn, *args, repeats=repeats)
         row[f"{key}_s"] = timing.min_s
         row[f"{key}_compile_s"] = compiled.compile_s
         if key == "grad_rc":
             row["grad_memory"] = compiled.memory_bytes
         if key != "forward":
             row[f"{key}_ratio"] = timing.min_s / row["forward_s"]
-        log(f"  {label} {key}: {fmt_time(timing.min_s)} (compile {compiled.compile_s:.1f} s)")
+        common.log(f"  {label} {key}: {common.fmt_time(timing.min_s)} (compile {compiled.compile_s:.1f} s)")
 
 
 def _deer_case(name, vf, y0, params, label, solver, repeats):
@@ -230,7 +213,7 @@ def main():
         name, vf, y0, params = models[key]()
         ref = _reference(vf, y0, params)
         for T in grids:
-            log(f"{name}, T = {T}")
+            common.log(f"{name}, T = {T}")
             deer = _deer_case(name, vf, y0, params, "DEER", diffrax_deer.DEER(num_points=T), opts.repeats)
             deer["error"] = float(jnp.max(jnp.abs(deer.pop("ys") - ref)))
             rk = _deer_case(name, vf, y0, params, "DEER-Tsit5",
@@ -240,22 +223,22 @@ def main():
             tsit5 = _tsit5_case(name, vf, y0, params, deer["error"], ref, opts.repeats)
             rows += [deer, rk, tsit5]
     columns = [
-        Column("model", "model"), Column("solver", "solver"), Column("T", "points"),
-        Column("error", "error", fmt_sci),
-        Column("forward_s", "forward", fmt_time),
-        Column("grad_rc_s", "grad (RecursiveCheckpoint)", fmt_time),
-        Column("grad_rc_ratio", "/ fwd", fmt_ratio),
-        Column("grad_direct_s", "grad (Direct)", fmt_time),
-        Column("grad_direct_ratio", "/ fwd", fmt_ratio),
-        Column("jvp_s", "jvp (ForwardMode)", fmt_time),
-        Column("jvp_ratio", "/ fwd", fmt_ratio),
-        Column("forward_compile_s", "compile fwd", fmt_time),
-        Column("grad_rc_compile_s", "compile grad", fmt_time),
-        Column("grad_memory", "grad memory", fmt_bytes),
-        Column("newton", "Newton it."), Column("coarse", "coarse it."),
-        Column("refinements", "refinements"),
+        common.Column("model", "model"), common.Column("solver", "solver"), common.Column("T", "points"),
+        common.Column("error", "error", common.fmt_sci),
+        common.Column("forward_s", "forward", common.fmt_time),
+        common.Column("grad_rc_s", "grad (RecursiveCheckpoint)", common.fmt_time),
+        common.Column("grad_rc_ratio", "/ fwd", common.fmt_ratio),
+        common.Column("grad_direct_s", "grad (Direct)", common.fmt_time),
+        common.Column("grad_direct_ratio", "/ fwd", common.fmt_ratio),
+        common.Column("jvp_s", "jvp (ForwardMode)", common.fmt_time),
+        common.Column("jvp_ratio", "/ fwd", common.fmt_ratio),
+        common.Column("forward_compile_s", "compile fwd", common.fmt_time),
+        common.Column("grad_rc_compile_s", "compile grad", common.fmt_time),
+        common.Column("grad_memory", "grad memory", common.fmt_bytes),
+        common.Column("newton", "Newton it."), common.Column("coarse", "coarse it."),
+        common.Column("refinements", "refinements"),
     ]
-    section = Section(
+    section = common.Section(
         "Gradient and forward-mode cost against the forward solve", columns, rows,
         "One window over [0, 5]; loss = sum of squares at 50 saved times. Ratios are "
         "against the forward solve of the same row, measured in the same run. "
@@ -263,9 +246,9 @@ def main():
         "reverse-mode gradient (1 = a single scan and product, no refinement).",
     )
     name = "training_quick" if opts.quick else "training"
-    paths = write_results(name, [section], title="Training through the solver",
+    paths = common.write_results(name, [section], title="Training through the solver",
                           config=dict(grids=grids, models=opts.models))
-    log(f"wrote {paths[0]} and {paths[1]}")
+    common.log(f"wrote {paths[0]} and {paths[1]}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ diffrax's sequential adaptive solvers.
 Per problem (float64; error = max-abs at `t1` against Dopri8 with
 `rtol = atol = 1e-13`), each method sweeps its accuracy knob inside *one* compiled
 program (the knob is a traced input), and every point is timed after compilation
-(`time_call`: warm-up, then the best of a few calls):
+(`_common.time_call`: warm-up, then the best of a few calls):
 
 - `DEER exp, fixed`: the default exponential scheme (2nd order), windows of
   `EXP_POINTS` grid points chained with `ConstantStepSize`, `m = 1, 2, 4, ...` windows
@@ -23,8 +23,8 @@ Newton tolerances are DEER's defaults (1e-8 in float64; its last, quadratically
 convergent step puts the answer far below that). On a CPU a parallel method cannot
 beat a tight sequential loop by much: this measures work, not parallel speed-up.
 
-    .venv/bin/python benchmarks/bench_work_precision.py           # ~10 minutes on 2 cores
-    .venv/bin/python benchmarks/bench_work_precision.py --problems vdp --repeats 1
+    .venv/bin/python -m benchmarks.bench_work_precision           # ~10 minutes on 2 cores
+    .venv/bin/python -m benchmarks.bench_work_precision --problems vdp --repeats 1
 
 Results: `benchmarks/results/work_precision_<platform>_py<X.Y>.{json,md,png}`.
 """
@@ -36,33 +36,15 @@ import math
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import diffrax
 
-from _common import (  # noqa: E402
-    Column,
-    compile_jitted,
-    describe_machine,
-    enable_float64,
-    fmt_sci,
-    fmt_time,
-    log,
-    machine_info,
-    Section,
-    time_call,
-    write_results,
-)
+import diffrax_deer
 
-
-enable_float64()
-
-import diffrax  # noqa: E402
-
-import diffrax_deer  # noqa: E402
-from _problems import cubic_decay, mlp_ode, Problem, van_der_pol  # noqa: E402
+from . import _common as common
+from ._problems import cubic_decay, mlp_ode, Problem, van_der_pol
 
 
 REF_TOL = 1e-13
@@ -170,17 +152,17 @@ def methods():
 
 def bench_problem(problem: Problem, opts) -> list[dict]:
     y0, args = problem.y0, problem.args
-    ref_fn = compile_jitted(sequential_adaptive(problem, diffrax.Dopri8()), y0, args,
+    ref_fn = common.compile_jitted(sequential_adaptive(problem, diffrax.Dopri8()), y0, args,
                             REF_TOL)
     y_ref = ref_fn.fn(y0, args, REF_TOL)[0]
     rows = []
     for name, (build, knobs, knob_name, points) in methods().items():
         if opts.methods and name not in opts.methods:
             continue
-        compiled = compile_jitted(build(problem), y0, args, knobs[0])
-        log(f"  {name}: compiled in {fmt_time(compiled.compile_s)}")
+        compiled = common.compile_jitted(build(problem), y0, args, knobs[0])
+        common.log(f"  {name}: compiled in {common.fmt_time(compiled.compile_s)}")
         for knob in knobs:
-            t = time_call(compiled.fn, y0, args, knob, repeats=opts.repeats,
+            t = common.time_call(compiled.fn, y0, args, knob, repeats=opts.repeats,
                           max_total_s=opts.max_total_s)
             y1, ok, *stats = t.output
             row = dict(problem=problem.name, D=problem.dim, method=name,
@@ -194,8 +176,8 @@ def bench_problem(problem: Problem, opts) -> list[dict]:
                 row.update(windows=windows, steps=windows * (points - 1), iters=iters,
                            coarse_iters=coarse)
             rows.append(row)
-            log(f"    {knob_name}={knob:<8.0e} err {row['err']:.2e}  "
-                f"{fmt_time(row['time_s']):>9s}  steps {row['steps']:<6d}"
+            common.log(f"    {knob_name}={knob:<8.0e} err {row['err']:.2e}  "
+                f"{common.fmt_time(row['time_s']):>9s}  steps {row['steps']:<6d}"
                 + ("" if points is None else
                    f" windows {row['windows']:<4d} Newton it. {row['iters']}"
                    f"+{row['coarse_iters']}c")
@@ -244,18 +226,18 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 COLUMNS = [
-    Column("problem", "problem"),
-    Column("method", "method"),
-    Column("knob", "knob"),
-    Column("value", "value", lambda v: f"{v:.0e}" if v < 1 else f"{v:g}"),
-    Column("err", "error at t1", fmt_sci),
-    Column("time_s", "time", fmt_time),
-    Column("steps", "steps"),
-    Column("windows", "windows"),
-    Column("iters", "Newton it."),
-    Column("coarse_iters", "coarse it."),
-    Column("ok", "ok"),
-    Column("compile_s", "compile", fmt_time),
+    common.Column("problem", "problem"),
+    common.Column("method", "method"),
+    common.Column("knob", "knob"),
+    common.Column("value", "value", lambda v: f"{v:.0e}" if v < 1 else f"{v:g}"),
+    common.Column("err", "error at t1", common.fmt_sci),
+    common.Column("time_s", "time", common.fmt_time),
+    common.Column("steps", "steps"),
+    common.Column("windows", "windows"),
+    common.Column("iters", "Newton it."),
+    common.Column("coarse_iters", "coarse it."),
+    common.Column("ok", "ok"),
+    common.Column("compile_s", "compile", common.fmt_time),
 ]
 
 
@@ -278,12 +260,12 @@ def _summary(rows: list[dict]) -> list[dict]:
 
 
 SUMMARY_COLUMNS = [
-    Column("problem", "problem"),
-    Column("method", "method"),
-    Column("t4", "time to err <= 1e-4", fmt_time),
-    Column("t6", "<= 1e-6", fmt_time),
-    Column("t8", "<= 1e-8", fmt_time),
-    Column("t10", "<= 1e-10", fmt_time),
+    common.Column("problem", "problem"),
+    common.Column("method", "method"),
+    common.Column("t4", "time to err <= 1e-4", common.fmt_time),
+    common.Column("t6", "<= 1e-6", common.fmt_time),
+    common.Column("t8", "<= 1e-8", common.fmt_time),
+    common.Column("t10", "<= 1e-10", common.fmt_time),
 ]
 
 
@@ -302,20 +284,20 @@ def main(argv=None):
     problems = _problems()
     if opts.problems:
         problems = {k: v for k, v in problems.items() if k in opts.problems}
-    log(describe_machine())
+    common.log(common.describe_machine())
     rows = []
     for problem in problems.values():
-        log(f"{problem.name} (D={problem.dim}, t in [{problem.t0}, {problem.t1}])")
+        common.log(f"{problem.name} (D={problem.dim}, t in [{problem.t0}, {problem.t1}])")
         rows += bench_problem(problem, opts)
 
-    info = machine_info()
+    info = common.machine_info()
     title = (f"Work-precision, float64, {info['cpu_model']} "
              f"({info['cpu_cores_usable']} cores), jax {info['versions']['jax']}")
     sections = [
-        Section("Fastest time to reach an error", SUMMARY_COLUMNS, _summary(rows),
+        common.Section("Fastest time to reach an error", SUMMARY_COLUMNS, _summary(rows),
                 description="Per problem and method, the least wall time among the "
                             "sweep's runs whose error at t1 is at most the level."),
-        Section("All runs", COLUMNS, rows, description=(
+        common.Section("All runs", COLUMNS, rows, description=(
             "knob `windows`: ConstantStepSize windows of the method's grid points "
             "(`steps` = grid intervals in all); knob `tol`: `PIDController(rtol=tol, "
             "atol=tol)`. DEER's `windows` are accepted windows, `Newton it.` their "
@@ -323,7 +305,7 @@ def main(argv=None):
             "predictor. `steps` of sequential solvers: accepted + rejected steps."
         )),
     ]
-    json_path, md_path = write_results(
+    json_path, md_path = common.write_results(
         opts.name, sections, title="Work-precision: DEER discretisations vs diffrax",
         config=dict(exp_points=EXP_POINTS, rk_points=RK_POINTS, windows=list(WINDOWS),
                     tols=[float(t) for t in TOLS], exp_tols=[float(t) for t in EXP_TOLS],
@@ -334,11 +316,11 @@ def main(argv=None):
     )
     png = json_path.with_suffix(".png")
     plot(rows, png, title)
-    log(f"wrote {json_path}\nwrote {md_path}\nwrote {png}")
+    common.log(f"wrote {json_path}\nwrote {md_path}\nwrote {png}")
 
 
 def md_path_name(name: str) -> str:
-    info = machine_info()
+    info = common.machine_info()
     return f"{name}_{info['platform']}_py{sys.version_info.major}.{sys.version_info.minor}"
 
 

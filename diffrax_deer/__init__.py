@@ -6,10 +6,16 @@ The two doors:
 - [`diffrax_deer.scan`][]: `jax.lax.scan`'s contract, evaluated in parallel.
 
 Underneath: [`diffrax_deer.linear_recurrence`][] (the parallel scan), the batched
-exponentials [`diffrax_deer.expm_phi1`][], and the predictability diagnostic
-[`diffrax_deer.lyapunov_exponent`][].
+exponentials [`diffrax_deer.expm_phi1`][], the predictability diagnostic
+[`diffrax_deer.lyapunov_exponent`][], and closed-form Jacobian diagonals of equinox's
+recurrent cells for quasi-DEER ([`diffrax_deer.gru_jacobian_diagonal`][],
+[`diffrax_deer.lstm_jacobian_diagonal`][]).
 """
 
+from ._cells import (
+    gru_jacobian_diagonal as gru_jacobian_diagonal,
+    lstm_jacobian_diagonal as lstm_jacobian_diagonal,
+)
 from ._expm import (
     exp_phi1_diagonal as exp_phi1_diagonal,
     expm as expm,

@@ -70,8 +70,7 @@ class AbstractTrajectoryProblem(eqx.Module):
     def residual(self, ys: Float[Array, "T D"]) -> Float[Array, "T D"]:
         """$r_k = y_k - \\Phi_k(y)$. The default reads $\\Phi$ off the linearisation."""
         A, b = self.linearise(ys)
-        prev = jnp.concatenate([self.init[None], ys[:-1]])
-        return ys - (matvec(A, prev) + b)
+        return ys - (matvec(A, previous_states(self.init, ys)) + b)
 
 
 class NewtonStats(eqx.Module):
@@ -98,7 +97,8 @@ def _scaled_norm(diff, ys, rtol, atol, norm):
     return norm(diff / (atol + rtol * jnp.abs(ys)))
 
 
-def _previous(init, ys):
+def previous_states(init: Float[Array, " D"], ys: Float[Array, "T D"]) -> Float[Array, "T D"]:
+    """$y_0, \\dots, y_{T-1}$: each state's predecessor, `init` first."""
     return jnp.concatenate([init[None], ys[:-1]])
 
 
@@ -205,7 +205,7 @@ def _trust_region_loop(problem, guess, rtol, atol, norm, max_iters, damping):
 
     def linearise(ys):
         A, b = problem.linearise(ys)
-        r = ys - (matvec(A, _previous(init, ys)) + b)
+        r = ys - (matvec(A, previous_states(init, ys)) + b)
         return A, b, linear_recurrence(A, b, init), jnp.sum(r**2)
 
     def level(newton, ys, weight):
@@ -223,7 +223,7 @@ def _trust_region_loop(problem, guess, rtol, atol, norm, max_iters, damping):
         damped = damped_recurrence(A, b, init, ys, lam)
         finite_points = jnp.all(jnp.isfinite(newton), axis=-1, keepdims=True)
         step = jnp.where(stalled, jnp.where(finite_points, newton, ys), damped)
-        r_model = step - (matvec(A, _previous(init, step)) + b)
+        r_model = step - (matvec(A, previous_states(init, step)) + b)
         predicted = rsq - jnp.sum(r_model**2)
         A1, b1, newton1, rsq1 = linearise(step)
         ratio = (rsq - rsq1) / predicted

@@ -35,7 +35,7 @@ which has no tableau, is stepped by its own `step`.)
 
 import functools as ft
 from collections.abc import Callable
-from typing import ClassVar, Literal
+from typing import Literal
 
 import diffrax
 import equinox as eqx
@@ -44,11 +44,10 @@ import jax.numpy as jnp
 from diffrax import AbstractLocalInterpolation, AbstractTerm
 from jaxtyping import Array, Float, PyTree, Real
 
-from ._batched import matvec
 from ._discretisation import AbstractWindowScheme
 from ._interpolation import RungeKuttaGridInterpolation
-from ._jacobian import value_and_jacobian
 from ._misc import TreeFlattener
+from ._recurrence import AbstractExplicitRecurrence
 
 
 _EXAMPLES = (
@@ -109,7 +108,7 @@ def runge_kutta_interpolation(solver) -> Callable[..., RungeKuttaGridInterpolati
     return _grid_interpolation(solver.interpolation_cls)
 
 
-class RungeKuttaScheme(AbstractWindowScheme):
+class RungeKuttaScheme(AbstractWindowScheme, AbstractExplicitRecurrence):
     """The fixed-step map of an explicit Runge--Kutta `solver` over one window, as an
     explicit recurrence for the Newton layer (see module doc).
 
@@ -127,11 +126,6 @@ class RungeKuttaScheme(AbstractWindowScheme):
     num_points: int = eqx.field(static=True)
     jacobian: Literal["dense", "diagonal"] = eqx.field(static=True)
     solver: diffrax.AbstractSolver = eqx.field(static=True)
-    explicit_recurrence: ClassVar[bool] = True
-
-    @property
-    def exact_jacobian(self) -> bool:
-        return self.jacobian == "dense"
 
     @property
     def order(self) -> int:
@@ -141,7 +135,9 @@ class RungeKuttaScheme(AbstractWindowScheme):
     def interpolation_cls(self) -> Callable[..., AbstractLocalInterpolation]:
         return runge_kutta_interpolation(self.solver)
 
-    def _intervals(self) -> tuple[Real[Array, " N-1"], Real[Array, " N-1"]]:
+    @property
+    def points(self) -> tuple[Real[Array, " N-1"], Real[Array, " N-1"]]:
+        """The grid intervals $(t_{k-1}, t_k)$."""
         ts = self.ts
         return ts[:-1], ts[1:]
 
@@ -183,22 +179,11 @@ class RungeKuttaScheme(AbstractWindowScheme):
         k = self.flattener.unravel_stacked(jnp.stack(ks))
         return y1, y_error, dict(y0=unravel(y), y1=unravel(y1), k=k)
 
-    def _map(self, interval, y: Float[Array, " D"]) -> Float[Array, " D"]:
+    def map(self, interval, y: Float[Array, " D"]) -> Float[Array, " D"]:
         return self._step(*interval, y)[0]
 
-    def _previous(self, ys: Float[Array, "T D"]) -> Float[Array, "T D"]:
-        return jnp.concatenate([self.y0[None], ys[:-1]])
-
-    def linearise(self, ys):
-        prev = self._previous(ys)
-        Phi, J = value_and_jacobian(self._map, self._intervals(), prev, self.jacobian)
-        return J, Phi - matvec(J, prev)
-
-    def residual(self, ys):
-        return ys - jax.vmap(self._map)(self._intervals(), self._previous(ys))
-
     def outputs(self, ys_full):
-        ta, tb = self._intervals()
+        ta, tb = self.points
         _, errors, infos = jax.vmap(self._step)(ta, tb, ys_full[:-1])
         dense_info = dict(ts=self.ts, infos=infos)
         if errors is None:  # Euler: no embedded estimate

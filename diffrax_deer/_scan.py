@@ -30,7 +30,7 @@ tolerance and cost memory independent of the number of iterations.
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -40,15 +40,9 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Float, PyTree
 
-from ._batched import matvec
-from ._jacobian import value_and_jacobian
 from ._misc import default_tolerance, TreeFlattener
-from ._newton import (
-    AbstractTrajectoryProblem,
-    NewtonStats,
-    solve_trajectory,
-    with_lyapunov_exponent,
-)
+from ._newton import NewtonStats, solve_trajectory, with_lyapunov_exponent
+from ._recurrence import AbstractExplicitRecurrence
 
 
 Method = Literal["auto", "deer", "quasi-deer", "elk", "quasi-elk", "sequential"]
@@ -77,8 +71,9 @@ _DIVERGED = (
 )
 
 
-class _ScanProblem(AbstractTrajectoryProblem):
-    """The carries of a scan as a trajectory problem for the Newton layer.
+class _ScanProblem(AbstractExplicitRecurrence):
+    """The carries of a scan as a trajectory problem for the Newton layer: the
+    recurrence $c_k = F(c_{k-1}, x_k)$.
 
     `step(c, x)` is the carry part of the scan body on flat `(D,)` carries, closure
     converted so that every array it closes over (e.g. an RNN cell's weights) is a
@@ -91,31 +86,24 @@ class _ScanProblem(AbstractTrajectoryProblem):
     diagonal: Callable[[Array, Any], Array] | None
     xs: PyTree
     carry0: Float[Array, " D"]
-    structure: Literal["dense", "diagonal"] = eqx.field(static=True)
-    exact_jacobian: bool = eqx.field(static=True)
-    explicit_recurrence: ClassVar[bool] = True
+    jacobian: Literal["dense", "diagonal"] = eqx.field(static=True)
 
     @property
     def init(self) -> Float[Array, " D"]:
         return self.carry0
 
-    def _previous(self, ys: Float[Array, "T D"]) -> Float[Array, "T D"]:
-        return jnp.concatenate([self.carry0[None], ys[:-1]])
+    @property
+    def points(self) -> PyTree:
+        return self.xs
 
-    def _at(self, x, c: Float[Array, " D"]) -> Float[Array, " D"]:
+    def map(self, x, c: Float[Array, " D"]) -> Float[Array, " D"]:
         return self.step(c, x)
 
-    def linearise(self, ys):
-        prev = self._previous(ys)
+    @property
+    def closed_form_diagonal(self):
         if self.diagonal is None:
-            F, J = value_and_jacobian(self._at, self.xs, prev, self.structure)
-        else:
-            F = jax.vmap(self.step)(prev, self.xs)
-            J = jax.vmap(self.diagonal)(prev, self.xs)
-        return J, F - matvec(J, prev)
-
-    def residual(self, ys):
-        return ys - jax.vmap(self.step)(self._previous(ys), self.xs)
+            return None
+        return lambda x, c: self.diagonal(c, x)
 
 
 def _trivial_stats(dtype) -> NewtonStats:
@@ -357,11 +345,7 @@ def scan(
 
     if method == "sequential" or T == 0:
         final, ys = lax.scan(f, init, xs, length=length, reverse=reverse, unroll=unroll)
-        leaves = jtu.tree_leaves(init)
-        dtype = jnp.result_type(leaves[0]) if leaves else jnp.result_type(float)
-        if not jnp.issubdtype(dtype, jnp.floating):
-            dtype = jnp.result_type(float)
-        return finish(final, ys, _trivial_stats(dtype))
+        return finish(final, ys, _trivial_stats(_stats_dtype(init)))
     _check_floating_carry(init, method)
     if len(jtu.tree_leaves(init)) == 0:
         # No carry: a scan is a map.
@@ -369,13 +353,42 @@ def scan(
         return finish(init, ys, _trivial_stats(jnp.result_type(float)))
 
     flattener = TreeFlattener(init, what="init")
-    dtype = flattener.dtype
     method = _resolve_method(method, T, flattener.size, jacobian_diagonal is not None)
     if reverse:
         xs = _flip(xs)
-    init_flat = flattener.ravel(init)
+    problem = _problem(f, init, flattener, xs, carry_struct, method, jacobian_diagonal)
+    guess_flat = _flat_guess(guess, problem.carry0, flattener, carry_struct, T, reverse)
+    default = default_tolerance(flattener.dtype)
+    carries, stats = solve_trajectory(
+        problem,
+        guess_flat,
+        rtol=default if rtol is None else rtol,
+        atol=default if atol is None else atol,
+        norm=norm,
+        max_iters=max_iters,
+        damping=initial_damping if method in ("elk", "quasi-elk") else None,
+    )
+    if lyapunov:
+        stats = with_lyapunov_exponent(stats, problem, carries, 1.0)
+    if throw:
+        carries = _raise_if_failed(carries, stats, method, max_iters)
+    final, ys = _outputs(f, flattener, problem.carry0, carries, xs, reverse)
+    return finish(final, ys, stats)
+
+
+def _stats_dtype(init: PyTree):
+    """The floating dtype of the stats of a sequential scan (the carry's, if it has
+    one)."""
+    leaves = jtu.tree_leaves(init)
+    dtype = jnp.result_type(leaves[0]) if leaves else jnp.result_type(float)
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
+
+
+def _problem(f, init, flattener, xs, carry_struct, method, jacobian_diagonal) -> _ScanProblem:
+    """The carries of the scan `f` from `init` over (forward-ordered) `xs` as a
+    trajectory problem on flat carries."""
     x_struct = jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), xs)
-    c_struct = jax.ShapeDtypeStruct(init_flat.shape, dtype)
+    c_struct = jax.ShapeDtypeStruct((flattener.size,), flattener.dtype)
 
     def flat_step(c, x):
         return flattener.ravel(f(flattener.unravel(c), x)[0])
@@ -399,49 +412,43 @@ def scan(
     # With one state the diagonal is the Jacobian: quasi-DEER is DEER (and its
     # implicit derivative needs a single scan).
     dense = method in ("deer", "elk") or (flattener.size == 1 and diagonal is None)
-    default = default_tolerance(dtype)
-    problem = _ScanProblem(
+    return _ScanProblem(
         step=step,
         diagonal=diagonal,
         xs=xs,
-        carry0=init_flat,
-        structure="dense" if dense else "diagonal",
-        exact_jacobian=dense,
+        carry0=flattener.ravel(init),
+        jacobian="dense" if dense else "diagonal",
     )
+
+
+
+def _flat_guess(guess, init_flat, flattener, carry_struct, T, reverse) -> Float[Array, "T D"]:
+    """The initial guess of the flat carries in forward order: `guess` (checked
+    against the carry's structure) or the initial carry repeated."""
     if guess is None:
-        guess_flat = jnp.broadcast_to(init_flat, (T, init_flat.size))
-    else:
-        guess_like = jtu.tree_map(
-            lambda s: jax.ShapeDtypeStruct((T,) + s.shape, s.dtype), carry_struct
-        )
-        _check_same_structure("guess", guess, guess_like)
-        guess_flat = flattener.ravel_stacked(guess)
-        if reverse:
-            guess_flat = jnp.flip(guess_flat, axis=0)
-    carries, stats = solve_trajectory(
-        problem,
-        guess_flat,
-        rtol=default if rtol is None else rtol,
-        atol=default if atol is None else atol,
-        norm=norm,
-        max_iters=max_iters,
-        damping=initial_damping if method in ("elk", "quasi-elk") else None,
+        return jnp.broadcast_to(init_flat, (T, init_flat.size))
+    guess_like = jtu.tree_map(
+        lambda s: jax.ShapeDtypeStruct((T,) + s.shape, s.dtype), carry_struct
     )
-    if lyapunov:
-        stats = with_lyapunov_exponent(stats, problem, carries, 1.0)
-    if throw:
-        failed = stats.result != optx.RESULTS.successful
-        diverged = stats.result == optx.RESULTS.nonlinear_divergence
-        messages = [
-            msg.format(method=method, max_iters=max_iters)
-            for msg in (_NOT_CONVERGED, _DIVERGED)
-        ]
-        carries = eqx.branched_error_if(
-            carries, failed, diverged.astype(jnp.int32), messages
-        )
+    _check_same_structure("guess", guess, guess_like)
+    guess_flat = flattener.ravel_stacked(guess)
+    return jnp.flip(guess_flat, axis=0) if reverse else guess_flat
+
+
+def _raise_if_failed(carries, stats: NewtonStats, method: str, max_iters: int):
+    """`carries`, raising at run time if the solve did not converge (`throw=True`)."""
+    failed = stats.result != optx.RESULTS.successful
+    diverged = stats.result == optx.RESULTS.nonlinear_divergence
+    messages = [
+        msg.format(method=method, max_iters=max_iters) for msg in (_NOT_CONVERGED, _DIVERGED)
+    ]
+    return eqx.branched_error_if(carries, failed, diverged.astype(jnp.int32), messages)
+
+
+def _outputs(f, flattener, init_flat, carries, xs, reverse):
+    """`(final_carry, ys)` of the scan from its converged flat carries: the outputs by
+    one batched call of `f` on the previous carries, in the caller's order."""
     prev = flattener.unravel_stacked(jnp.concatenate([init_flat[None], carries[:-1]]))
     _, ys = jax.vmap(f)(prev, xs)
     final = flattener.unravel(carries[-1])
-    if reverse:
-        ys = _flip(ys)
-    return finish(final, ys, stats)
+    return final, _flip(ys) if reverse else ys

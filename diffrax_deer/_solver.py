@@ -140,7 +140,7 @@ def _outputs(problem: AbstractWindowScheme, ys_full):
     return problem.outputs(ys_full)
 
 
-class DEER(diffrax.AbstractSolver):
+class DEER(diffrax.AbstractAdaptiveSolver):
     r"""Parallel-in-time ODE solver (DEER: Lim et al., ICLR 2024).
 
     Each diffrax step is one *window* of `num_points` uniformly spaced grid points,

@@ -90,6 +90,10 @@ def main(argv=None):
     print("(DEER is a 2nd-order method: on the same grid it is less accurate than the "
           "5th-order Tsit5; its speed comes from parallel hardware -- see the README.)")
 
+    _plot(ts, ref, sol.ys, seq.ys, args.output)
+
+def _plot(ts, ref, ys_deer, ys_seq, output):
+    """The trajectory and the errors of both solvers against the reference."""
     try:
         import matplotlib
 
@@ -100,17 +104,17 @@ def main(argv=None):
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     axes[0].plot(ts, ref[:, 0], "k", lw=3, alpha=0.3, label="reference")
-    axes[0].plot(ts, sol.ys[:, 0], "C0--", label="DEER")
+    axes[0].plot(ts, ys_deer[:, 0], "C0--", label="DEER")
     axes[0].set(xlabel="t", ylabel="x(t)", title="Van der Pol trajectory")
     axes[0].legend()
-    axes[1].semilogy(ts, jnp.maximum(jnp.max(jnp.abs(sol.ys - ref), axis=1), 1e-17), label="DEER")
-    axes[1].semilogy(ts, jnp.maximum(jnp.max(jnp.abs(seq.ys - ref), axis=1), 1e-17), label="Tsit5 (same grid)")
+    for ys, label in ((ys_deer, "DEER"), (ys_seq, "Tsit5 (same grid)")):
+        error = jnp.max(jnp.abs(ys - ref), axis=1)
+        axes[1].semilogy(ts, jnp.maximum(error, 1e-17), label=label)
     axes[1].set(xlabel="t", ylabel="|error|", title="error against a 1e-12 reference")
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(args.output, dpi=120)
-    print(f"plot saved to {args.output}")
-
+    fig.savefig(output, dpi=120)
+    print(f"plot saved to {output}")
 
 if __name__ == "__main__":
     main()

@@ -399,6 +399,42 @@ def test_user_jacobian_diagonal():
     assert int(user_stats.num_iters) == int(auto_stats.num_iters)
 
 
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_cell_jacobian_diagonals(use_bias):
+    # The closed forms against autodiff's Jacobian diagonal, at random states (GRU and
+    # LSTM, with and without biases); then a quasi-DEER LSTM scan given its diagonal
+    # against lax.scan, in the same number of iterations as without it.
+    kg, kl, kh, kc = jax.random.split(jax.random.PRNGKey(5), 4)
+    gru = eqx.nn.GRUCell(3, D, use_bias=use_bias, key=kg)
+    lstm = eqx.nn.LSTMCell(3, D, use_bias=use_bias, key=kl)
+    h, c, x = jax.random.normal(kh, (D,)), jax.random.normal(kc, (D,)), XS[0]
+    exact = jnp.diagonal(jax.jacfwd(lambda h: gru(x, h))(h))
+    assert tree_allclose(diffrax_deer.gru_jacobian_diagonal(gru)(h, x), exact, rtol=1e-12, atol=1e-12)
+    flat = lambda hc: jnp.concatenate(lstm(x, (hc[:D], hc[D:])))
+    exact = jnp.diagonal(jax.jacfwd(flat)(jnp.concatenate([h, c])))
+    got = diffrax_deer.lstm_jacobian_diagonal(lstm)((h, c), x)
+    assert tree_allclose(jnp.concatenate(got), exact, rtol=1e-12, atol=1e-12)
+
+    step = lambda hc, x: (lstm(x, hc), hc[0])
+    init = (jnp.zeros(D), jnp.zeros(D))
+
+    @jax.jit
+    def run(xs):
+        diag = diffrax_deer.lstm_jacobian_diagonal(lstm)
+        return (
+            jax.lax.scan(step, init, xs),
+            diffrax_deer.scan(step, init, xs, jacobian_diagonal=diag, return_stats=True, **TIGHT),
+            diffrax_deer.scan(step, init, xs, method="quasi-deer", return_stats=True, **TIGHT),
+        )
+
+    ref, (*user, user_stats), (*auto, auto_stats) = run(XS)
+    assert tree_allclose(tuple(user), ref, rtol=1e-10, atol=1e-10)
+    assert int(user_stats.num_iters) == int(auto_stats.num_iters)
+    with pytest.raises(TypeError, match="GRUCell"):
+        diffrax_deer.gru_jacobian_diagonal(lstm)
+
+
 def test_errors():
     f = lambda c, x: (c + x, c)
     xs = jnp.ones((5, 2))
