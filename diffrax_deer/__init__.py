@@ -5,7 +5,10 @@ The two doors:
 - [`diffrax_deer.DEER`][]: a diffrax solver, `diffrax.diffeqsolve(term, DEER(), ...)`.
 - [`diffrax_deer.scan`][]: `jax.lax.scan`'s contract, evaluated in parallel.
 
-Underneath: [`diffrax_deer.linear_recurrence`][] (the parallel scan), the batched
+Underneath: the parallel iterations as optimistix root finders of trajectory problems
+([`diffrax_deer.ParallelNewton`][], [`diffrax_deer.ELK`][], differentiated by
+[`diffrax_deer.ImplicitTrajectoryAdjoint`][]), [`diffrax_deer.linear_recurrence`][]
+(the parallel scan), the batched
 exponentials [`diffrax_deer.expm_phi1`][], the predictability diagnostic
 [`diffrax_deer.lyapunov_exponent`][], and closed-form Jacobian diagonals of equinox's
 recurrent cells for quasi-DEER ([`diffrax_deer.gru_jacobian_diagonal`][],
@@ -26,7 +29,13 @@ from ._linear_recurrence import (
     sequential_linear_recurrence as sequential_linear_recurrence,
 )
 from ._lyapunov import lyapunov_exponent as lyapunov_exponent
-from ._newton import NewtonStats as NewtonStats
+from ._implicit import ImplicitTrajectoryAdjoint as ImplicitTrajectoryAdjoint
+from ._newton import (
+    AbstractTrajectoryProblem as AbstractTrajectoryProblem,
+    NewtonStats as NewtonStats,
+)
+from ._recurrence import AbstractExplicitRecurrence as AbstractExplicitRecurrence
+from ._root_finder import ELK as ELK, ParallelNewton as ParallelNewton
 from ._scan import scan as scan
 from ._solver import DEER as DEER, DEERState as DEERState
 

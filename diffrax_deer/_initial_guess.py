@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from ._discretisation import AbstractWindowScheme
-from ._newton import is_successful, newton_iterations
+from ._newton import is_successful
+from ._root_finder import solve_trajectory
 
 
 COARSENING_FACTOR = 8
@@ -93,7 +94,7 @@ def coarse_grid_guess(
             min_intervals=min_intervals,
             max_direct_intervals=max_direct_intervals,
         )
-    ys, stats = newton_iterations(
+    ys, stats = solve_trajectory(
         coarse, guess, rtol=rtol, atol=atol, norm=norm, max_iters=max_iters,
         damping=damping,
     )

@@ -41,8 +41,9 @@ import optimistix as optx
 from jaxtyping import Array, Float, PyTree
 
 from ._misc import default_tolerance, TreeFlattener
-from ._newton import NewtonStats, solve_trajectory, with_lyapunov_exponent
+from ._newton import NewtonStats, with_lyapunov_exponent
 from ._recurrence import AbstractExplicitRecurrence
+from ._root_finder import solve_trajectory
 
 
 Method = Literal["auto", "deer", "quasi-deer", "elk", "quasi-elk", "sequential"]

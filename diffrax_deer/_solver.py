@@ -19,7 +19,8 @@ from diffrax._term import AdjointTerm, WrapTerm
 from ._discretisation import AbstractWindowScheme, ExponentialScheme, uniform_grid
 from ._initial_guess import coarse_grid_guess, constant_guess
 from ._misc import default_tolerance, TreeFlattener
-from ._newton import is_successful, solve_trajectory, with_lyapunov_exponent
+from ._newton import is_successful, with_lyapunov_exponent
+from ._root_finder import solve_trajectory
 from ._runge_kutta import (
     check_runge_kutta,
     has_embedded_error,

@@ -1,0 +1,314 @@
+r"""The parallel Newton iteration (DEER, quasi-DEER) and its trust-region variant (ELK,
+quasi-ELK), as optimistix root finders of a trajectory residual.
+
+A trajectory $y_1, \dots, y_T$ is the root of $r(y) = 0$ (see `_newton.py`); both
+root finders here are `optimistix.AbstractRootFinder`s driven by `optimistix.root_find`
+like `optimistix.Newton`, with `fn(y, problem) = problem.residual(y)` and the
+`AbstractTrajectoryProblem` as `args`. They never call `fn`: each step linearises the
+problem about the current iterate, $y_k \approx A_k y_{k-1} + b_k$, and solves that
+linear recurrence for all $k$ at once with the parallel scan of
+[`diffrax_deer.linear_recurrence`][]. The iteration stops when its update is small in
+the optimistix sense, $\| \delta / (\text{atol} + \text{rtol}\, |y|) \| \le 1$.
+
+Gradients come from the implicit function theorem at the root, through
+`ImplicitTrajectoryAdjoint` (see `_implicit.py`), never through the iterations.
+
+!!! example
+
+    ```python
+    sol = optx.root_find(
+        lambda ys, problem: problem.residual(ys), ParallelNewton(rtol=1e-8, atol=1e-8),
+        guess, args=problem, adjoint=ImplicitTrajectoryAdjoint(), throw=False,
+    )
+    ```
+"""
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optimistix as optx
+from jaxtyping import Array, Bool, Float, Int, PyTree
+
+from ._batched import matvec
+from ._implicit import ImplicitTrajectoryAdjoint
+from ._kalman import damped_recurrence
+from ._linear_recurrence import linear_recurrence
+from ._newton import AbstractTrajectoryProblem, NewtonStats, previous_states
+
+
+# Consecutive iterations with non-finite states after which an implicit scheme's Newton
+# iteration is declared divergent (explicit recurrences keep going: see
+# `AbstractTrajectoryProblem.explicit_recurrence`).
+_DIVERGENCE_STREAK = 4
+
+
+def _scaled_norm(diff, ys, rtol, atol, norm):
+    return norm(diff / (atol + rtol * jnp.abs(ys)))
+
+
+def _residual(ys, problem):
+    return problem.residual(ys)
+
+
+def _check_problem(problem: Any, aux_struct: PyTree) -> AbstractTrajectoryProblem:
+    if not isinstance(problem, AbstractTrajectoryProblem):
+        raise TypeError(
+            "diffrax_deer's root finders solve trajectory problems: pass the "
+            "`AbstractTrajectoryProblem` as `args` of `optimistix.root_find` (with "
+            f"`fn(ys, problem) = problem.residual(ys)`); got args of type "
+            f"{type(problem).__name__}."
+        )
+    if aux_struct is not None:
+        raise ValueError("diffrax_deer's root finders do not support `has_aux=True`.")
+    return problem
+
+
+class AbstractTrajectoryRootFinder(optx.AbstractRootFinder):
+    """A root finder of a trajectory residual that linearises the problem (`args`)
+    itself; see the module doc. Subclasses' states have `step`, `update_norm`,
+    `converged`, `finite` (whether the last linear solve was finite) and `streak`
+    (consecutive non-finite solves)."""
+
+    rtol: eqx.AbstractVar[float]
+    atol: eqx.AbstractVar[float]
+    norm: eqx.AbstractVar[Callable[[PyTree], Array]]
+    # Whether T steps solve an explicit recurrence exactly whatever their linearisation
+    # (true of undamped Newton steps; Gonzalez et al., 2024, Prop. 1).
+    exact_after_length: eqx.AbstractClassVar[bool]
+
+    def terminate(self, fn, y, args, options, state, tags):
+        del fn, options, tags
+        # An explicit recurrence is solved exactly by T iterations (with a finite last
+        # iterate), even if the last update was not below tolerance: chaotic maps
+        # amplify round-off in the last states so much that it never settles.
+        exact = jnp.array(False)
+        limit = _DIVERGENCE_STREAK
+        if args.explicit_recurrence:
+            limit = jnp.iinfo(jnp.int32).max
+            if self.exact_after_length:
+                exact = state.finite & (state.step >= y.shape[0])
+        done = state.converged | exact
+        diverged = jnp.invert(done) & (state.streak >= limit)
+        result = optx.RESULTS.where(
+            diverged, optx.RESULTS.nonlinear_divergence, optx.RESULTS.successful
+        )
+        return done | diverged, result
+
+    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        return y, aux, {}
+
+
+def _reset_non_finite(new, ys, init):
+    """`new` with non-finite states reset to the previous iterate (or the initial
+    state). For recurrences this keeps the global-convergence property: after i
+    iterations the first i states are exact, and later states may be reset to anything
+    (Gonzalez et al., 2024, Prop. 1)."""
+    finite_points = jnp.all(jnp.isfinite(new), axis=-1, keepdims=True)
+    fallback = jnp.where(jnp.isfinite(ys), ys, init[None])
+    return jnp.where(finite_points, new, fallback), jnp.all(finite_points)
+
+
+class _NewtonState(eqx.Module):
+    step: Int[Array, ""]
+    update_norm: Float[Array, ""]
+    converged: Bool[Array, ""]
+    finite: Bool[Array, ""]
+    streak: Int[Array, ""]
+
+
+class ParallelNewton(AbstractTrajectoryRootFinder):
+    r"""Newton's method on a whole trajectory (DEER; quasi-DEER when the problem
+    linearises with diagonal transitions): each step one linearisation of the problem
+    and one parallel scan of the resulting linear recurrence.
+
+    **Arguments:**
+
+    - `rtol`, `atol`: the step is accepted as converged when its update $\delta$
+      satisfies $\|\delta / (\text{atol} + \text{rtol}\,|y|)\| \le 1$.
+    - `norm`: as in optimistix (default `optimistix.max_norm`).
+
+    Non-finite states of an iterate are reset to the previous iterate; an implicit
+    scheme whose iterates stay non-finite for 4 steps is reported as
+    `nonlinear_divergence`.
+    """
+
+    rtol: float
+    atol: float
+    norm: Callable[[PyTree], Array] = optx.max_norm
+    exact_after_length: ClassVar[bool] = True
+
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        del fn, options, f_struct, tags
+        _check_problem(args, aux_struct)
+        zero = jnp.array(0, jnp.int32)
+        inf = jnp.array(jnp.inf, y.dtype)
+        return _NewtonState(zero, inf, jnp.array(False), jnp.array(True), zero)
+
+    def step(self, fn, y, args, options, state, tags):
+        del fn, options, tags
+        A, b = args.linearise(y)
+        new, finite = _reset_non_finite(linear_recurrence(A, b, args.init), y, args.init)
+        scaled = _scaled_norm(new - y, new, self.rtol, self.atol, self.norm)
+        streak = jnp.where(finite, 0, state.streak + 1)
+        new_state = _NewtonState(state.step + 1, scaled, finite & (scaled <= 1), finite, streak)
+        return new, new_state, None
+
+
+_MIN_DAMPING = 1e-12
+_MAX_DAMPING = 1e12
+_STALL_FACTOR = 1e6
+
+
+class _ELKState(eqx.Module):
+    step: Int[Array, ""]
+    transitions: Array
+    offsets: Float[Array, "T D"]
+    newton: Float[Array, "T D"]  # the undamped Newton step from the current iterate
+    residual_sq: Float[Array, ""]
+    damping: Float[Array, ""]
+    update_norm: Float[Array, ""]
+    converged: Bool[Array, ""]
+    finite: Bool[Array, ""]
+    streak: Int[Array, ""]
+    num_rejected: Int[Array, ""]
+
+
+def _linearise(problem, ys):
+    """Transitions and offsets at `ys`, the Newton step from it, and the residual sum
+    of squares there."""
+    A, b = problem.linearise(ys)
+    r = ys - (matvec(A, previous_states(problem.init, ys)) + b)
+    return A, b, linear_recurrence(A, b, problem.init), jnp.sum(r**2)
+
+
+class ELK(AbstractTrajectoryRootFinder):
+    r"""ELK (Gonzalez et al., 2024): Levenberg--Marquardt steps on a whole trajectory,
+    each a parallel Kalman smoother (see `_kalman.py`), in a trust-region loop; quasi-ELK
+    when the problem linearises with diagonal transitions.
+
+    A step is accepted when it reduces the residual sum of squares by at least a small
+    fraction of what the linear model predicts (the classical trust-region test; the
+    damping is adapted by that ratio), or when it reduces the *natural level*
+    $\|\tilde L(y)^{-1} r(y)\|$, the size of the Newton (DEER) correction (Deuflhard's
+    affine-invariant monotonicity test). The second test matters for the ODE schemes,
+    whose linearisation is not the exact Jacobian of their residual: near the solution
+    the residual's predicted decrease can drown in the Jacobian's error and stall a
+    purely residual-based trust region, while the Newton correction still shrinks.
+    When neither test can be passed however strongly the step is damped (the damping
+    has grown by a factor $10^6$: an inexact linearisation far from the solution, where
+    its damped direction is not a descent direction), the loop takes one undamped
+    Newton step (non-finite states reset as in DEER) and restarts the damping. So ELK
+    never stalls where DEER would converge, and keeps its damping where DEER overflows.
+    Converged when the Newton correction from the current iterate is within tolerance;
+    that Newton step is returned, so the answer is DEER's.
+
+    **Arguments:** `rtol`, `atol`, `norm` as for [`diffrax_deer.ParallelNewton`][];
+    `damping`, the initial damping (default 1).
+    """
+
+    rtol: float
+    atol: float
+    norm: Callable[[PyTree], Array] = optx.max_norm
+    damping: float = 1.0
+    exact_after_length: ClassVar[bool] = False
+
+    def __check_init__(self):
+        if not self.damping > 0:
+            raise ValueError(f"`damping` must be positive; got {self.damping}.")
+
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        del fn, options, f_struct, tags
+        _check_problem(args, aux_struct)
+        zero = jnp.array(0, jnp.int32)
+        return _ELKState(
+            zero, *_linearise(args, y), jnp.asarray(self.damping, y.dtype),
+            jnp.array(jnp.inf, y.dtype), jnp.array(False), jnp.array(True), zero, zero,
+        )
+
+    def step(self, fn, y, args, options, state, tags):
+        del fn, options, tags
+        init, lam = args.init, state.damping
+        weight = 1 / (self.atol + self.rtol * jnp.abs(y))
+        newton_scaled = _scaled_norm(state.newton - y, state.newton, self.rtol, self.atol, self.norm)
+        converged = jnp.all(jnp.isfinite(state.newton)) & (newton_scaled <= 1)
+        stall = jnp.minimum(jnp.asarray(self.damping, y.dtype) * _STALL_FACTOR, _MAX_DAMPING)
+        stalled = lam >= stall
+        damped = damped_recurrence(state.transitions, state.offsets, init, y, lam)
+        step, _ = _reset_non_finite(state.newton, y, init)
+        step = jnp.where(stalled, step, damped)
+        r_model = step - (matvec(state.transitions, previous_states(init, step)) + state.offsets)
+        predicted = state.residual_sq - jnp.sum(r_model**2)
+        A1, b1, newton1, rsq1 = _linearise(args, step)
+        level = lambda newton, ys: jnp.sum((weight * (newton - ys)) ** 2)
+        natural = level(newton1, step) < (1 - 1e-4) * level(state.newton, y)
+        ok = jnp.isfinite(rsq1) & jnp.all(jnp.isfinite(newton1))
+        ratio = jnp.where(ok & (predicted > 0), (state.residual_sq - rsq1) / predicted, -jnp.inf)
+        accept = ok & ((ratio > 1e-4) | natural | stalled) & jnp.invert(converged)
+        grow = (ratio > 0.75) | (natural & (ratio <= 1e-4))
+        lam = jnp.where(accept & grow, lam / 3, jnp.where(ratio < 0.25, 4 * lam, lam))
+        lam = jnp.where(stalled, jnp.asarray(self.damping, y.dtype), lam)
+        keep = lambda new, old: jnp.where(accept, new, old)
+        new_state = _ELKState(
+            state.step + 1, keep(A1, state.transitions), keep(b1, state.offsets),
+            keep(newton1, state.newton), keep(rsq1, state.residual_sq),
+            jnp.clip(lam, _MIN_DAMPING, _MAX_DAMPING),
+            jnp.where(converged, newton_scaled, jnp.inf), converged,
+            jnp.isfinite(keep(rsq1, state.residual_sq)), jnp.array(0, jnp.int32),
+            state.num_rejected + jnp.invert(accept | converged).astype(jnp.int32),
+        )
+        return jnp.where(converged, state.newton, keep(step, y)), new_state, None
+
+
+def _stats(sol: optx.Solution, dtype) -> NewtonStats:
+    """The `NewtonStats` of a root find by one of the root finders above."""
+    state = sol.state
+    # Out of steps with a non-finite last linear solve: that is a divergence.
+    result = optx.RESULTS.where(
+        (sol.result == optx.RESULTS.nonlinear_max_steps_reached) & jnp.invert(state.finite),
+        optx.RESULTS.nonlinear_divergence,
+        sol.result,
+    )
+    successful = result == optx.RESULTS.successful
+    scaled = state.update_norm
+    scaled = jnp.where(successful, scaled, jnp.maximum(scaled, 1 + jnp.finfo(dtype).eps))
+    num_rejected = getattr(state, "num_rejected", jnp.array(0, jnp.int32))
+    return NewtonStats(
+        jnp.asarray(sol.stats["num_steps"], jnp.int32), scaled, result, num_rejected,
+        jnp.array(jnp.nan, dtype),
+    )
+
+
+def root_finder(rtol, atol, norm, damping: float | None) -> AbstractTrajectoryRootFinder:
+    """`ParallelNewton` (DEER / quasi-DEER) when `damping` is None, else `ELK`."""
+    if damping is None:
+        return ParallelNewton(rtol=rtol, atol=atol, norm=norm)
+    return ELK(rtol=rtol, atol=atol, norm=norm, damping=damping)
+
+
+def solve_trajectory(
+    problem: AbstractTrajectoryProblem,
+    guess: Float[Array, "T D"],
+    *,
+    rtol: float,
+    atol: float,
+    norm: Callable = optx.max_norm,
+    max_iters: int = 100,
+    damping: float | None = None,
+) -> tuple[Float[Array, "T D"], NewtonStats]:
+    """Solves for the trajectory of `problem` from `guess` with `optimistix.root_find`
+    and the root finder above (ELK if `damping` is given), differentiable (forward and
+    reverse mode) with respect to every array in `problem` by the implicit function
+    theorem (`ImplicitTrajectoryAdjoint`). `guess` is not differentiated. Failures are
+    reported in the stats' `result`, never raised here."""
+    # (Non-finite guesses start from the initial state: optimistix stops at once on a
+    # non-finite iterate.)
+    guess = jax.lax.stop_gradient(jnp.where(jnp.isfinite(guess), guess, problem.init))
+    sol = optx.root_find(
+        _residual, root_finder(rtol, atol, norm, damping), guess,
+        args=problem, max_steps=max_iters, adjoint=ImplicitTrajectoryAdjoint(),
+        throw=False,
+    )
+    return sol.value, _stats(sol, guess.dtype)
