@@ -226,7 +226,7 @@ def _root_find(inputs, *, primal_fn):
 def _root_find_jvp(primals, tangents, *, primal_fn):
     (inputs,) = primals
     (t_inputs,) = tangents
-    fn, solver, _, problem, *_ = inputs
+    fn, solver, _, problem, _, max_steps, *_ = inputs  # optimistix's layout
     t_fn, _, _, t_problem, *t_rest = t_inputs
     if any(x is not None for x in jtu.tree_leaves((t_fn, t_rest))):
         raise ValueError(
@@ -241,7 +241,6 @@ def _root_find_jvp(primals, tangents, *, primal_fn):
     # point (the initial state repeated) so that nothing non-finite, and no linear
     # solve that cannot converge, reaches the gradient.
     root_at = jnp.where(ok, root, jnp.broadcast_to(problem.init, root.shape))
-    max_steps = inputs[5]
     t_root = implicit_tangent(
         root_at, ok, problem, t_problem, rtol=refinement_tolerance(root.dtype, solver.rtol),
         max_steps=max(max_steps or 0, root.shape[0] + 1),

@@ -65,7 +65,7 @@ class AbstractTrajectoryProblem(eqx.Module):
     def residual(self, ys: Float[Array, "T D"]) -> Float[Array, "T D"]:
         """$r_k = y_k - \\Phi_k(y)$. The default reads $\\Phi$ off the linearisation."""
         A, b = self.linearise(ys)
-        return ys - (matvec(A, previous_states(self.init, ys)) + b)
+        return model_residual(A, b, self.init, ys)
 
 
 class NewtonStats(eqx.Module):
@@ -91,6 +91,12 @@ class NewtonStats(eqx.Module):
 def previous_states(init: Float[Array, " D"], ys: Float[Array, "T D"]) -> Float[Array, "T D"]:
     """$y_0, \\dots, y_{T-1}$: each state's predecessor, `init` first."""
     return jnp.concatenate([init[None], ys[:-1]])
+
+
+def model_residual(A, b, init: Float[Array, " D"], ys: Float[Array, "T D"]) -> Float[Array, "T D"]:
+    """The residual of `ys` in the linear model $y_k = A_k y_{k-1} + b_k$ (dense or
+    diagonal `A`)."""
+    return ys - (matvec(A, previous_states(init, ys)) + b)
 
 
 def with_lyapunov_exponent(

@@ -32,11 +32,10 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from ._batched import matvec
 from ._implicit import ImplicitTrajectoryAdjoint
 from ._kalman import damped_recurrence
 from ._linear_recurrence import linear_recurrence
-from ._newton import AbstractTrajectoryProblem, NewtonStats, previous_states
+from ._newton import AbstractTrajectoryProblem, model_residual, NewtonStats
 
 
 # Consecutive iterations with non-finite states after which an implicit scheme's Newton
@@ -117,6 +116,7 @@ class _NewtonState(eqx.Module):
     converged: Bool[Array, ""]
     finite: Bool[Array, ""]
     streak: Int[Array, ""]
+    num_rejected: Int[Array, ""]  # always 0: every Newton step is taken
 
 
 class ParallelNewton(AbstractTrajectoryRootFinder):
@@ -145,7 +145,7 @@ class ParallelNewton(AbstractTrajectoryRootFinder):
         _check_problem(args, aux_struct)
         zero = jnp.array(0, jnp.int32)
         inf = jnp.array(jnp.inf, y.dtype)
-        return _NewtonState(zero, inf, jnp.array(False), jnp.array(True), zero)
+        return _NewtonState(zero, inf, jnp.array(False), jnp.array(True), zero, zero)
 
     def step(self, fn, y, args, options, state, tags):
         del fn, options, tags
@@ -153,7 +153,9 @@ class ParallelNewton(AbstractTrajectoryRootFinder):
         new, finite = _reset_non_finite(linear_recurrence(A, b, args.init), y, args.init)
         scaled = _scaled_norm(new - y, new, self.rtol, self.atol, self.norm)
         streak = jnp.where(finite, 0, state.streak + 1)
-        new_state = _NewtonState(state.step + 1, scaled, finite & (scaled <= 1), finite, streak)
+        new_state = _NewtonState(
+            state.step + 1, scaled, finite & (scaled <= 1), finite, streak, state.num_rejected
+        )
         return new, new_state, None
 
 
@@ -180,7 +182,7 @@ def _linearise(problem, ys):
     """Transitions and offsets at `ys`, the Newton step from it, and the residual sum
     of squares there."""
     A, b = problem.linearise(ys)
-    r = ys - (matvec(A, previous_states(problem.init, ys)) + b)
+    r = model_residual(A, b, problem.init, ys)
     return A, b, linear_recurrence(A, b, problem.init), jnp.sum(r**2)
 
 
@@ -239,7 +241,7 @@ class ELK(AbstractTrajectoryRootFinder):
         damped = damped_recurrence(state.transitions, state.offsets, init, y, lam)
         step, _ = _reset_non_finite(state.newton, y, init)
         step = jnp.where(stalled, step, damped)
-        r_model = step - (matvec(state.transitions, previous_states(init, step)) + state.offsets)
+        r_model = model_residual(state.transitions, state.offsets, init, step)
         predicted = state.residual_sq - jnp.sum(r_model**2)
         A1, b1, newton1, rsq1 = _linearise(args, step)
         level = lambda newton, ys: jnp.sum((weight * (newton - ys)) ** 2)
@@ -274,9 +276,8 @@ def _stats(sol: optx.Solution, dtype) -> NewtonStats:
     successful = result == optx.RESULTS.successful
     scaled = state.update_norm
     scaled = jnp.where(successful, scaled, jnp.maximum(scaled, 1 + jnp.finfo(dtype).eps))
-    num_rejected = getattr(state, "num_rejected", jnp.array(0, jnp.int32))
     return NewtonStats(
-        jnp.asarray(sol.stats["num_steps"], jnp.int32), scaled, result, num_rejected,
+        jnp.asarray(sol.stats["num_steps"], jnp.int32), scaled, result, state.num_rejected,
         jnp.array(jnp.nan, dtype),
     )
 

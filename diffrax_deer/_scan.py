@@ -41,7 +41,7 @@ import optimistix as optx
 from jaxtyping import Array, Float, PyTree
 
 from ._misc import default_tolerance, TreeFlattener
-from ._newton import NewtonStats, with_lyapunov_exponent
+from ._newton import NewtonStats, previous_states, with_lyapunov_exponent
 from ._recurrence import AbstractExplicitRecurrence
 from ._root_finder import solve_trajectory
 
@@ -422,7 +422,6 @@ def _problem(f, init, flattener, xs, carry_struct, method, jacobian_diagonal) ->
     )
 
 
-
 def _flat_guess(guess, init_flat, flattener, carry_struct, T, reverse) -> Float[Array, "T D"]:
     """The initial guess of the flat carries in forward order: `guess` (checked
     against the carry's structure) or the initial carry repeated."""
@@ -449,7 +448,7 @@ def _raise_if_failed(carries, stats: NewtonStats, method: str, max_iters: int):
 def _outputs(f, flattener, init_flat, carries, xs, reverse):
     """`(final_carry, ys)` of the scan from its converged flat carries: the outputs by
     one batched call of `f` on the previous carries, in the caller's order."""
-    prev = flattener.unravel_stacked(jnp.concatenate([init_flat[None], carries[:-1]]))
+    prev = flattener.unravel_stacked(previous_states(init_flat, carries))
     _, ys = jax.vmap(f)(prev, xs)
     final = flattener.unravel(carries[-1])
     return final, _flip(ys) if reverse else ys
