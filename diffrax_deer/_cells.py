@@ -51,7 +51,8 @@ def gru_jacobian_diagonal(
         raise TypeError(f"Expected an `equinox.nn.GRUCell`; got {type(cell).__name__}.")
 
     def diagonal(h, x):
-        bias, bias_n = (cell.bias, cell.bias_n) if cell.use_bias else (0, 0)
+        bias = 0 if cell.bias is None else cell.bias
+        bias_n = 0 if cell.bias_n is None else cell.bias_n
         i_r, i_z, i_n = jnp.split(cell.weight_ih @ x + bias, 3)
         h_r, h_z, h_n = jnp.split(cell.weight_hh @ h, 3)
         w_r, w_z, w_n = _diagonal_blocks(cell.weight_hh, 3)

@@ -37,10 +37,10 @@ from diffrax import AbstractLocalInterpolation, AbstractTerm
 from equinox.internal import ω
 from jaxtyping import Array, Float, PyTree, Real
 
+from ._batched import matvec
 from ._expm import exp_phi1_diagonal, expm_phi1
 from ._interpolation import HermiteGridInterpolation
 from ._jacobian import value_and_jacobian
-from ._batched import matvec
 from ._misc import TreeFlattener
 from ._newton import AbstractTrajectoryProblem
 
@@ -165,7 +165,10 @@ class ExponentialScheme(AbstractWindowScheme):
     jacobian: Literal["dense", "diagonal"] = eqx.field(static=True)
     exact_jacobian: ClassVar[bool] = False
     explicit_recurrence: ClassVar[bool] = False
-    interpolation_cls: ClassVar[type] = HermiteGridInterpolation
+
+    @property
+    def interpolation_cls(self) -> Callable[..., AbstractLocalInterpolation]:
+        return HermiteGridInterpolation
 
     @property
     def order(self) -> int:
@@ -197,3 +200,65 @@ class ExponentialScheme(AbstractWindowScheme):
         if self.jacobian == "dense":
             return expm_phi1(X, z)
         return exp_phi1_diagonal(X, z)
+
+
+class AbstractDiscretisation(eqx.Module):
+    """The scheme `DEER` solves on each window's grid: the option
+    `DEER(discretisation=...)`. It makes a window's trajectory problem (`window`) and
+    tells diffrax the order of its values and error estimate and the class of its dense
+    output, which `DEER` forwards as its own."""
+
+    @abc.abstractmethod
+    def window(
+        self,
+        *,
+        terms: AbstractTerm,
+        args: PyTree,
+        t0: Real[Array, ""],
+        t1: Real[Array, ""],
+        y0: Float[Array, " D"],
+        flattener: TreeFlattener,
+        num_points: int,
+        jacobian: Literal["dense", "diagonal"],
+    ) -> AbstractWindowScheme:
+        """The scheme over one window of `num_points` grid points from `t0` to `t1`."""
+
+    @abc.abstractmethod
+    def order(self, terms) -> int:
+        """Order of the grid values in the grid spacing."""
+
+    @abc.abstractmethod
+    def error_order(self, terms) -> int:
+        """Order of a window's error estimate in the window length."""
+
+    @property
+    @abc.abstractmethod
+    def interpolation_cls(self) -> Callable[..., AbstractLocalInterpolation]:
+        """The dense output of a window (diffrax's `interpolation_cls`)."""
+
+
+class ExponentialTrapezoid(AbstractDiscretisation):
+    r"""The DEER paper's exponential-trapezoid scheme (the default discretisation; see
+    the module doc): 2nd order, cubic Hermite dense output, and the defect error
+    estimate (`AbstractWindowScheme.defect_error`), of order 3 in the window length
+    (the sum over a fixed number of intervals of local errors $O(\Delta^3)$).
+
+    !!! example
+
+        ```python
+        diffrax_deer.DEER(discretisation=diffrax_deer.ExponentialTrapezoid())  # == DEER()
+        ```
+    """
+
+    @property
+    def interpolation_cls(self) -> Callable[..., AbstractLocalInterpolation]:
+        return HermiteGridInterpolation
+
+    def window(self, **kwargs) -> "ExponentialScheme":
+        return ExponentialScheme(**kwargs)
+
+    def order(self, terms) -> int:
+        return 2
+
+    def error_order(self, terms) -> int:
+        return 3

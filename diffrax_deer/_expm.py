@@ -25,6 +25,8 @@ holds $L(X)[E]$ in its upper right block.
 
 import functools as ft
 import math
+import operator
+from typing import cast
 
 import equinox.internal as eqxi
 import jax
@@ -54,6 +56,11 @@ def _degree_and_theta(dtype) -> tuple[int, float]:
 _BLOCK = 3  # Paterson--Stockmeyer block size: powers X^0..X^2, Horner in X^3.
 
 
+def _block_terms(i: int, degree: int) -> list[tuple[int, int]]:
+    """`(r, j)` for the terms `X^j = X^r (X^3)^i` of block `i` up to `degree`."""
+    return [(r, i * _BLOCK + r) for r in range(_BLOCK) if i * _BLOCK + r <= degree]
+
+
 def _paterson_stockmeyer(X, z, degree):
     """`sum_j X^j / j!` (degree `degree`) and `sum_j X^j z / (j+1)!` (same degree),
     batched: powers `X^2, X^3` once, then Horner in `X^3` over blocks of three terms."""
@@ -65,14 +72,9 @@ def _paterson_stockmeyer(X, z, degree):
     big = powers[_BLOCK]
     num_blocks = degree // _BLOCK + 1
 
-    def block(i, coeff):
-        out = None
-        for r in range(_BLOCK):
-            j = i * _BLOCK + r
-            if j <= degree:
-                term = coeff(j) * powers[r]
-                out = term if out is None else out + term
-        return out
+    def block(i, coeff) -> Array:
+        terms = [coeff(j) * powers[r] for r, j in _block_terms(i, degree)]
+        return ft.reduce(operator.add, terms)
 
     # e^X: coefficients 1/j!
     E = block(num_blocks - 1, lambda j: 1 / math.factorial(j))
@@ -85,14 +87,9 @@ def _paterson_stockmeyer(X, z, degree):
     for r in range(1, _BLOCK):
         vectors.append(matvec(powers[r], z))
 
-    def vblock(i):
-        out = None
-        for r in range(_BLOCK):
-            j = i * _BLOCK + r
-            if j <= degree:
-                term = vectors[r] / math.factorial(j + 1)
-                out = term if out is None else out + term
-        return out
+    def vblock(i) -> Array:
+        terms = [vectors[r] / math.factorial(j + 1) for r, j in _block_terms(i, degree)]
+        return ft.reduce(operator.add, terms)
 
     w = vblock(num_blocks - 1)
     for i in range(num_blocks - 2, -1, -1):
@@ -106,13 +103,10 @@ def norm1(X: Array) -> Array:
     n = X.shape[-1]
     if n > 8:
         return jnp.max(jnp.sum(jnp.abs(X), axis=-2), axis=-1)
-    out = None
-    for k in range(n):
-        col = jnp.abs(X[..., 0, k])
-        for i in range(1, n):
-            col = col + jnp.abs(X[..., i, k])
-        out = col if out is None else jnp.maximum(out, col)
-    return out
+    columns = [
+        ft.reduce(operator.add, [jnp.abs(X[..., i, k]) for i in range(n)]) for k in range(n)
+    ]
+    return ft.reduce(jnp.maximum, columns)
 
 
 def _taylor_scaling_squaring(X: Array, z: Array | None):
@@ -183,7 +177,7 @@ def _frechet_impl(X, E):
 
 @eqxi.filter_primitive_def
 def _frechet_abstract_eval(X, E):
-    return [jax.core.ShapedArray(E.shape, E.dtype)]
+    return [jax.core.ShapedArray(E.shape, E.dtype)]  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def _frechet(X: Array, E: Array) -> Array:
@@ -205,7 +199,7 @@ def _frechet_jvp(primals, tangents):
     return [out], [t_out]
 
 
-@eqxi.filter_primitive_transpose(materialise_zeros=True)
+@eqxi.filter_primitive_transpose(materialise_zeros=True)  # pyright: ignore[reportCallIssue]
 def _frechet_transpose(inputs, cts_out):
     X, E = inputs
     if is_undefined(X):
@@ -256,7 +250,8 @@ def expm_phi1(
         E, w = expm_phi1(X, jnp.ones(2))
         ```
     """
-    return _taylor_scaling_squaring(X, z)
+    E, w = _taylor_scaling_squaring(X, z)
+    return E, cast(Array, w)
 
 
 @expm_phi1.defjvp

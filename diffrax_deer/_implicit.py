@@ -42,8 +42,14 @@ import lineax as lx
 import optimistix as optx
 
 from ._linear_recurrence import linear_recurrence
-from ._lineax import TrajectoryJacobianSolver, not_converged_message
-from ._misc import batched_like, cotangents_for, is_undefined, no_cotangents
+from ._lineax import not_converged_message, TrajectoryJacobianSolver
+from ._misc import (
+    batched_like,
+    cotangents_for,
+    default_tolerance,
+    is_undefined,
+    no_cotangents,
+)
 
 
 def refinement_tolerance(dtype, rtol: float) -> float:
@@ -135,7 +141,7 @@ def _impl(ys_at, ok, problem, t_problem, rtol, max_steps):
 @eqxi.filter_primitive_def
 def _abstract_eval(ys_at, ok, problem, t_problem, rtol, max_steps):
     del ok, problem, t_problem, rtol, max_steps
-    return [jax.core.ShapedArray(ys_at.shape, ys_at.dtype)]
+    return [jax.core.ShapedArray(ys_at.shape, ys_at.dtype)]  # pyright: ignore[reportAttributeAccessIssue]
 
 
 @eqxi.filter_primitive_jvp
@@ -156,7 +162,7 @@ def _jvp(primals, tangents):
     return [out], [t_out]
 
 
-@eqxi.filter_primitive_transpose(materialise_zeros=True)
+@eqxi.filter_primitive_transpose(materialise_zeros=True)  # pyright: ignore[reportCallIssue]
 def _transpose_rule(inputs, cts_out):
     ys_at, ok, problem, t_problem, rtol, max_steps = inputs
     if any(is_undefined(x) for x in jtu.tree_leaves((ys_at, ok, problem))):
@@ -217,6 +223,12 @@ class ImplicitTrajectoryAdjoint(optx.AbstractAdjoint):
         return _root_find(inputs, primal_fn=primal_fn)
 
 
+def _rtol(solver, dtype) -> float:
+    """The root finder's relative tolerance (the dtype's default if it has none)."""
+    rtol = getattr(solver, "rtol", None)
+    return default_tolerance(dtype) if rtol is None else rtol
+
+
 @eqx.filter_custom_jvp
 def _root_find(inputs, *, primal_fn):
     return primal_fn(inputs)
@@ -242,7 +254,7 @@ def _root_find_jvp(primals, tangents, *, primal_fn):
     # solve that cannot converge, reaches the gradient.
     root_at = jnp.where(ok, root, jnp.broadcast_to(problem.init, root.shape))
     t_root = implicit_tangent(
-        root_at, ok, problem, t_problem, rtol=refinement_tolerance(root.dtype, solver.rtol),
+        root_at, ok, problem, t_problem, rtol=refinement_tolerance(root.dtype, _rtol(solver, root.dtype)),
         max_steps=max(max_steps or 0, root.shape[0] + 1),
     )
     return out, (t_root, jtu.tree_map(lambda _: None, out[1]))

@@ -16,17 +16,19 @@ trajectory is the fixed point of the fine grid's scheme, and gradients never dep
 the guess (it is not differentiated).
 """
 
+import abc
 from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 from jaxtyping import Array, Float, Int
 
 from ._discretisation import AbstractWindowScheme
 from ._newton import is_successful
-from ._root_finder import solve_trajectory
+from ._root_finder import AbstractTrajectoryRootFinder, solve_trajectory
 
 
 COARSENING_FACTOR = 8
@@ -55,20 +57,17 @@ def constant_guess(problem: AbstractWindowScheme) -> Float[Array, "T D"]:
 
 def coarse_grid_guess(
     problem: AbstractWindowScheme,
-    *,
-    rtol: float,
-    atol: float,
-    norm: Callable,
+    root_finder: AbstractTrajectoryRootFinder,
     max_iters: int,
-    damping: float | None = None,
+    *,
     factor: int = COARSENING_FACTOR,
     min_intervals: int = MIN_COARSE_INTERVALS,
     max_direct_intervals: int = MAX_DIRECT_INTERVALS,
 ) -> tuple[Float[Array, "T D"], Int[Array, ""]]:
-    """Initial guess from recursively solving the window on coarser grids, and the
-    number of Newton iterations spent on all coarse levels. The coarsest level (at
-    most `max_direct_intervals` intervals, or too short to coarsen further) starts
-    from the constant guess.
+    """Initial guess from recursively solving the window on coarser grids with
+    `root_finder`, and the number of Newton iterations spent on all coarse levels. The
+    coarsest level (at most `max_direct_intervals` intervals, or too short to coarsen
+    further) starts from the constant guess.
 
     Falls back to `constant_guess` when the window is too short to coarsen (see
     `coarse_intervals`), or when a coarse solve fails (no convergence, or non-finite
@@ -84,20 +83,10 @@ def coarse_grid_guess(
         guess, coarser_iters = constant_guess(coarse), jnp.array(0, jnp.int32)
     else:
         guess, coarser_iters = coarse_grid_guess(
-            coarse,
-            rtol=rtol,
-            atol=atol,
-            norm=norm,
-            max_iters=max_iters,
-            damping=damping,
-            factor=factor,
-            min_intervals=min_intervals,
+            coarse, root_finder, max_iters, factor=factor, min_intervals=min_intervals,
             max_direct_intervals=max_direct_intervals,
         )
-    ys, stats = solve_trajectory(
-        coarse, guess, rtol=rtol, atol=atol, norm=norm, max_iters=max_iters,
-        damping=damping,
-    )
+    ys, stats = solve_trajectory(coarse, guess, root_finder, max_iters)
     ys_full = jnp.concatenate([coarse.y0[None], ys])
     interp = coarse.interpolation(ys_full)
     ravel = problem.flattener.ravel
@@ -105,3 +94,129 @@ def coarse_grid_guess(
     ok = is_successful(stats) & jnp.all(jnp.isfinite(fine))
     guess = jnp.where(ok, fine, constant_guess(problem))
     return guess, coarser_iters + stats.num_iters
+
+
+class AbstractInitialGuess(eqx.Module):
+    """How each window's Newton iteration starts: the option
+    `DEER(initial_guess=...)`. The guess changes only how many iterations a window
+    takes, never its answer, gradients or error estimate."""
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        problem: AbstractWindowScheme,
+        root_finder: AbstractTrajectoryRootFinder,
+        max_iters: int,
+    ) -> tuple[Float[Array, "T D"], Int[Array, ""]]:
+        """The initial trajectory of the window `problem` (its grid after `y0`), and
+        the Newton iterations spent finding it (on coarse grids)."""
+
+
+class ConstantGuess(AbstractInitialGuess):
+    """The window's initial state at every grid point (the DEER paper's choice)."""
+
+    def __call__(self, problem, root_finder, max_iters):
+        del root_finder, max_iters
+        return constant_guess(problem), jnp.array(0, jnp.int32)
+
+
+class CoarseGridGuess(AbstractInitialGuess):
+    r"""The coarse-grid predictor (the default; see the module doc): solve the window
+    with the same scheme and root finder on a grid `factor` times coarser (at least
+    `min_intervals` intervals; recursively while it has more than
+    `max_direct_intervals`) and interpolate that solution onto the window's grid. The
+    fine grid then usually needs 1-3 Newton iterations; each coarse level costs about
+    `1/factor` of the level above. Windows too short to coarsen start from
+    `ConstantGuess`.
+
+    !!! example
+
+        ```python
+        diffrax_deer.DEER(initial_guess=diffrax_deer.CoarseGridGuess(factor=4))
+        ```
+    """
+
+    factor: int = eqx.field(static=True, default=COARSENING_FACTOR)
+    min_intervals: int = eqx.field(static=True, default=MIN_COARSE_INTERVALS)
+    max_direct_intervals: int = eqx.field(static=True, default=MAX_DIRECT_INTERVALS)
+
+    def __check_init__(self):
+        if not (isinstance(self.factor, int) and self.factor >= 2):
+            raise ValueError(f"`factor` must be an integer >= 2; got {self.factor!r}.")
+        for name in ("min_intervals", "max_direct_intervals"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
+
+    def __call__(self, problem, root_finder, max_iters):
+        return coarse_grid_guess(
+            problem, root_finder, max_iters, factor=self.factor,
+            min_intervals=self.min_intervals,
+            max_direct_intervals=self.max_direct_intervals,
+        )
+
+
+class WarmStartGuess(AbstractInitialGuess):
+    """A *warm start*: `fn(t)`, a state like `y0`, evaluated on each window's grid;
+    e.g. `fn = previous_sol.evaluate`, the same trajectory's solution at the previous
+    training step (with `SaveAt(dense=True)`), so that Newton needs one or two
+    iterations. `fn` may hold arrays (it is not static).
+
+    !!! example
+
+        ```python
+        solver = diffrax_deer.DEER(initial_guess=diffrax_deer.WarmStartGuess(sol.evaluate))
+        ```
+    """
+
+    fn: Callable
+
+    def __check_init__(self):
+        if not callable(self.fn):
+            raise TypeError(f"`WarmStartGuess(fn)` needs a callable; got {self.fn!r}.")
+
+    def __call__(self, problem, root_finder, max_iters):
+        del root_finder, max_iters
+        return _warm_start(self.fn, problem), jnp.array(0, jnp.int32)
+
+
+def _warm_start(fn, problem: AbstractWindowScheme) -> Float[Array, "T D"]:
+    """`fn(t)` on the window's grid (after `y0`), flattened; checked against `y0`."""
+    ts, flattener = problem.ts[1:], problem.flattener
+    try:
+        struct = jax.eval_shape(fn, ts[0])
+    except Exception as e:
+        raise ValueError(
+            "`DEER(initial_guess=fn)` must be a function of a scalar time returning a "
+            "state like `y0` (e.g. a previous solution's `sol.evaluate`)."
+        ) from e
+    expected = jax.eval_shape(flattener.unravel, problem.init)
+    if jtu.tree_structure(struct) != jtu.tree_structure(expected) or any(
+        a.shape != b.shape
+        for a, b in zip(jtu.tree_leaves(struct), jtu.tree_leaves(expected), strict=True)
+    ):
+        raise ValueError(
+            "`DEER(initial_guess=fn)`: `fn(t)` must return a PyTree with the structure "
+            f"and shapes of `y0`; got {struct} for {expected}."
+        )
+    guess = jax.vmap(lambda t: flattener.ravel(fn(t)))(ts)
+    return guess.astype(problem.init.dtype)
+
+
+def as_initial_guess(guess: "AbstractInitialGuess | str | Callable") -> AbstractInitialGuess:
+    """An `AbstractInitialGuess` from the shorthands `"coarse"`, `"constant"` or a
+    function of time (a warm start)."""
+    if isinstance(guess, AbstractInitialGuess):
+        return guess
+    if isinstance(guess, str):
+        if guess == "coarse":
+            return CoarseGridGuess()
+        if guess == "constant":
+            return ConstantGuess()
+    elif callable(guess):
+        return WarmStartGuess(guess)
+    raise ValueError(
+        "`initial_guess` must be a `diffrax_deer.CoarseGridGuess`, `ConstantGuess` or "
+        "`WarmStartGuess`, the shorthands 'coarse' or 'constant', or a function of time "
+        f"returning a state like `y0`; got {guess!r}."
+    )

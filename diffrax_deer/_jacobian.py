@@ -109,7 +109,7 @@ def _tangent_impl(primals, tangents):
         )
         # (An output that does not depend on the perturbed leaves -- the Jacobian,
         # when a parameter enters additively -- has a symbolic-zero tangent.)
-        return (), tuple(jnp.zeros_like(o) if t is None else t for o, t in zip(out, t_out))
+        return (), tuple(jnp.zeros_like(o) if t is None else t for o, t in zip(out, t_out, strict=True))
 
     _, t_out = _over_chunks(chunk, points, ys, (t_points, t_ys))
     return list(t_out)
@@ -120,7 +120,8 @@ def _tangent_abstract_eval(primals, tangents):
     del tangents
     ys = primals[2]
     T, D = ys.shape
-    return [jax.core.ShapedArray((T, D), ys.dtype), jax.core.ShapedArray((T, D, D), ys.dtype)]
+    shaped = jax.core.ShapedArray  # pyright: ignore[reportAttributeAccessIssue]
+    return [shaped((T, D), ys.dtype), shaped((T, D, D), ys.dtype)]
 
 
 @eqxi.filter_primitive_jvp
@@ -170,7 +171,7 @@ def _over_chunks(fn, points, ys, cts):
     return total, jtu.tree_map(lambda x: x.reshape(C * _CHUNK, *x.shape[2:])[:T], per_point)
 
 
-@eqxi.filter_primitive_transpose(materialise_zeros=True)
+@eqxi.filter_primitive_transpose(materialise_zeros=True)  # pyright: ignore[reportCallIssue]
 def _tangent_transpose(inputs, cts_out):
     # Reverse mode: forward-over-reverse (see module doc).
     primals, tangents = inputs

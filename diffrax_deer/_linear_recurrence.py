@@ -184,7 +184,7 @@ def associative_scan(fn, elems, method: Method = "auto"):
     return out
 
 
-def _default_method() -> str:
+def _default_method() -> Literal["chunked", "associative"]:
     # On CPUs the chunked form does less work and compiles much faster; on GPUs/TPUs the
     # associative scan's O(log T) depth is what makes long sequences fast.
     return "chunked" if jax.default_backend() == "cpu" else "associative"

@@ -1,11 +1,13 @@
 """Small shared helpers: flattening PyTree states to vectors, default tolerances."""
 
 import math
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, PyTree
 
 
@@ -15,9 +17,9 @@ class TreeFlattener(eqx.Module):
     Works on stacked states too (`ravel_stacked` / `unravel_stacked`), with the
     stacking axes in front."""
 
-    treedef: jtu.PyTreeDef = eqx.field(static=True)
+    treedef: Any = eqx.field(static=True)  # a `jax.tree_util.PyTreeDef`
     shapes: tuple[tuple[int, ...], ...] = eqx.field(static=True)
-    dtype: jnp.dtype = eqx.field(static=True)
+    dtype: np.dtype = eqx.field(static=True)
 
     def __init__(self, tree: PyTree[Array], what: str = "y0"):
         leaves, self.treedef = jtu.tree_flatten(tree)
@@ -76,7 +78,7 @@ def default_tolerance(dtype) -> float:
 
 
 def is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    return not isinstance(x, jax.core.Tracer)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def batched_like(tangents: PyTree, reference: Array) -> PyTree:
@@ -98,7 +100,7 @@ def batched_like(tangents: PyTree, reference: Array) -> PyTree:
 
 def is_undefined(x) -> bool:
     """Whether `x` is the input a transpose rule is asked the cotangent of."""
-    return isinstance(x, jax.interpreters.ad.UndefinedPrimal)
+    return isinstance(x, jax.interpreters.ad.UndefinedPrimal)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def cotangents_for(tangents: PyTree, grads: PyTree) -> PyTree:

@@ -23,8 +23,9 @@ Gradients come from the implicit function theorem at the root, through
     ```
 """
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import equinox as eqx
 import jax
@@ -35,7 +36,11 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 from ._implicit import ImplicitTrajectoryAdjoint
 from ._kalman import damped_recurrence
 from ._linear_recurrence import linear_recurrence
+from ._misc import default_tolerance
 from ._newton import AbstractTrajectoryProblem, model_residual, NewtonStats
+
+
+Jacobian = Literal["dense", "diagonal"]
 
 
 # Consecutive iterations with non-finite states after which an implicit scheme's Newton
@@ -44,8 +49,9 @@ from ._newton import AbstractTrajectoryProblem, model_residual, NewtonStats
 _DIVERGENCE_STREAK = 4
 
 
-def _scaled_norm(diff, ys, rtol, atol, norm):
-    return norm(diff / (atol + rtol * jnp.abs(ys)))
+def _scaled_norm(diff, ys, finder):
+    rtol, atol = finder._tolerances(ys.dtype)
+    return finder.norm(diff / (atol + rtol * jnp.abs(ys)))
 
 
 def _residual(ys, problem):
@@ -71,12 +77,42 @@ class AbstractTrajectoryRootFinder(optx.AbstractRootFinder):
     `converged`, `finite` (whether the last linear solve was finite) and `streak`
     (consecutive non-finite solves)."""
 
-    rtol: eqx.AbstractVar[float]
-    atol: eqx.AbstractVar[float]
+    rtol: eqx.AbstractVar[float | None]
+    atol: eqx.AbstractVar[float | None]
     norm: eqx.AbstractVar[Callable[[PyTree], Array]]
+    jacobian: eqx.AbstractVar[Jacobian]
     # Whether T steps solve an explicit recurrence exactly whatever their linearisation
     # (true of undamped Newton steps; Gonzalez et al., 2024, Prop. 1).
     exact_after_length: eqx.AbstractClassVar[bool]
+    # The name of the method in the papers' (and the `method=` shorthand's) terms.
+    name: eqx.AbstractClassVar[str]
+
+    def __check_init__(self):
+        for what in ("rtol", "atol"):
+            value = getattr(self, what)
+            if value is not None and not value > 0:
+                raise ValueError(f"`{what}` must be positive; got {value}.")
+        if self.jacobian not in ("dense", "diagonal"):
+            raise ValueError(
+                f"`jacobian` must be 'dense' or 'diagonal'; got {self.jacobian!r}."
+            )
+
+    @property
+    def method(self) -> str:
+        """`"deer"`, `"quasi-deer"`, `"elk"` or `"quasi-elk"`."""
+        return self.name if self.jacobian == "dense" else f"quasi-{self.name}"
+
+    def with_default_tolerances(self, dtype) -> "AbstractTrajectoryRootFinder":
+        """A copy whose unset `rtol` / `atol` are the default for `dtype` (1e-8 in
+        float64, about 2e-5 in float32)."""
+        default = default_tolerance(dtype)
+        rtol = default if self.rtol is None else self.rtol
+        atol = default if self.atol is None else self.atol
+        return dataclasses.replace(self, rtol=rtol, atol=atol)
+
+    def _tolerances(self, dtype) -> tuple[float, float]:
+        finder = self.with_default_tolerances(dtype)
+        return finder.rtol, finder.atol  # pyright: ignore[reportReturnType]
 
     def terminate(self, fn, y, args, options, state, tags):
         del fn, options, tags
@@ -127,18 +163,33 @@ class ParallelNewton(AbstractTrajectoryRootFinder):
     **Arguments:**
 
     - `rtol`, `atol`: the step is accepted as converged when its update $\delta$
-      satisfies $\|\delta / (\text{atol} + \text{rtol}\,|y|)\| \le 1$.
+      satisfies $\|\delta / (\text{atol} + \text{rtol}\,|y|)\| \le 1$. Default
+      (None): 1e-8 in float64, about 2e-5 in float32.
     - `norm`: as in optimistix (default `optimistix.max_norm`).
+    - `jacobian`: `"dense"` (default: DEER, the full Jacobian, quadratic convergence,
+      $O(TD^2)$ memory) or `"diagonal"` (quasi-DEER: its diagonal, $O(TD)$ memory,
+      linear convergence). Used by [`diffrax_deer.DEER`][] and
+      [`diffrax_deer.scan`][] to build the problem; a problem passed to
+      `optimistix.root_find` directly linearises as it was built.
 
     Non-finite states of an iterate are reset to the previous iterate; an implicit
     scheme whose iterates stay non-finite for 4 steps is reported as
     `nonlinear_divergence`.
+
+    !!! example
+
+        ```python
+        diffrax_deer.DEER(root_finder=diffrax_deer.ParallelNewton(rtol=1e-10, atol=1e-10))
+        diffrax_deer.scan(step, h0, xs, root_finder=diffrax_deer.ParallelNewton(jacobian="diagonal"))
+        ```
     """
 
-    rtol: float
-    atol: float
+    rtol: float | None = None
+    atol: float | None = None
     norm: Callable[[PyTree], Array] = optx.max_norm
+    jacobian: Jacobian = eqx.field(static=True, default="dense")
     exact_after_length: ClassVar[bool] = True
+    name: ClassVar[str] = "deer"
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del fn, options, f_struct, tags
@@ -151,7 +202,7 @@ class ParallelNewton(AbstractTrajectoryRootFinder):
         del fn, options, tags
         A, b = args.linearise(y)
         new, finite = _reset_non_finite(linear_recurrence(A, b, args.init), y, args.init)
-        scaled = _scaled_norm(new - y, new, self.rtol, self.atol, self.norm)
+        scaled = _scaled_norm(new - y, new, self)
         streak = jnp.where(finite, 0, state.streak + 1)
         new_state = _NewtonState(
             state.step + 1, scaled, finite & (scaled <= 1), finite, streak, state.num_rejected
@@ -207,15 +258,24 @@ class ELK(AbstractTrajectoryRootFinder):
     Converged when the Newton correction from the current iterate is within tolerance;
     that Newton step is returned, so the answer is DEER's.
 
-    **Arguments:** `rtol`, `atol`, `norm` as for [`diffrax_deer.ParallelNewton`][];
-    `damping`, the initial damping (default 1).
+    **Arguments:** `rtol`, `atol`, `norm`, `jacobian` as for
+    [`diffrax_deer.ParallelNewton`][] (`jacobian="diagonal"`: quasi-ELK); `damping`,
+    the initial Levenberg--Marquardt damping (default 1).
+
+    !!! example
+
+        ```python
+        diffrax_deer.DEER(root_finder=diffrax_deer.ELK(damping=10.0))
+        ```
     """
 
-    rtol: float
-    atol: float
+    rtol: float | None = None
+    atol: float | None = None
     norm: Callable[[PyTree], Array] = optx.max_norm
+    jacobian: Jacobian = eqx.field(static=True, default="dense")
     damping: float = 1.0
     exact_after_length: ClassVar[bool] = False
+    name: ClassVar[str] = "elk"
 
     def __check_init__(self):
         if not self.damping > 0:
@@ -233,8 +293,9 @@ class ELK(AbstractTrajectoryRootFinder):
     def step(self, fn, y, args, options, state, tags):
         del fn, options, tags
         init, lam = args.init, state.damping
-        weight = 1 / (self.atol + self.rtol * jnp.abs(y))
-        newton_scaled = _scaled_norm(state.newton - y, state.newton, self.rtol, self.atol, self.norm)
+        rtol, atol = self._tolerances(y.dtype)
+        weight = 1 / (atol + rtol * jnp.abs(y))
+        newton_scaled = _scaled_norm(state.newton - y, state.newton, self)
         converged = jnp.all(jnp.isfinite(state.newton)) & (newton_scaled <= 1)
         stall = jnp.minimum(jnp.asarray(self.damping, y.dtype) * _STALL_FACTOR, _MAX_DAMPING)
         stalled = lam >= stall
@@ -282,33 +343,40 @@ def _stats(sol: optx.Solution, dtype) -> NewtonStats:
     )
 
 
-def root_finder(rtol, atol, norm, damping: float | None) -> AbstractTrajectoryRootFinder:
-    """`ParallelNewton` (DEER / quasi-DEER) when `damping` is None, else `ELK`."""
-    if damping is None:
-        return ParallelNewton(rtol=rtol, atol=atol, norm=norm)
-    return ELK(rtol=rtol, atol=atol, norm=norm, damping=damping)
+def root_finder_for(method: str, **options) -> AbstractTrajectoryRootFinder:
+    """The root finder a `method=` shorthand names: `"deer"` / `"quasi-deer"`
+    ([`diffrax_deer.ParallelNewton`][] with a dense / diagonal Jacobian), `"elk"` /
+    `"quasi-elk"` ([`diffrax_deer.ELK`][]), built with `options` (`rtol`, `atol`,
+    `norm`; `damping` for ELK)."""
+    name, _, base = method.rpartition("-")
+    if name not in ("", "quasi") or base not in ("deer", "elk"):
+        raise ValueError(
+            "`method` must be one of ['deer', 'quasi-deer', 'elk', 'quasi-elk']; got "
+            f"{method!r}."
+        )
+    jacobian = "diagonal" if name == "quasi" else "dense"
+    if base == "deer":
+        options.pop("damping", None)
+        return ParallelNewton(jacobian=jacobian, **options)
+    return ELK(jacobian=jacobian, **options)
 
 
 def solve_trajectory(
     problem: AbstractTrajectoryProblem,
     guess: Float[Array, "T D"],
-    *,
-    rtol: float,
-    atol: float,
-    norm: Callable = optx.max_norm,
+    root_finder: AbstractTrajectoryRootFinder,
     max_iters: int = 100,
-    damping: float | None = None,
 ) -> tuple[Float[Array, "T D"], NewtonStats]:
     """Solves for the trajectory of `problem` from `guess` with `optimistix.root_find`
-    and the root finder above (ELK if `damping` is given), differentiable (forward and
-    reverse mode) with respect to every array in `problem` by the implicit function
-    theorem (`ImplicitTrajectoryAdjoint`). `guess` is not differentiated. Failures are
-    reported in the stats' `result`, never raised here."""
+    and `root_finder`, differentiable (forward and reverse mode) with respect to every
+    array in `problem` by the implicit function theorem (`ImplicitTrajectoryAdjoint`).
+    `guess` is not differentiated. Failures are reported in the stats' `result`, never
+    raised here."""
     # (Non-finite guesses start from the initial state: optimistix stops at once on a
     # non-finite iterate.)
     guess = jax.lax.stop_gradient(jnp.where(jnp.isfinite(guess), guess, problem.init))
     sol = optx.root_find(
-        _residual, root_finder(rtol, atol, norm, damping), guess,
+        _residual, root_finder.with_default_tolerances(guess.dtype), guess,
         args=problem, max_steps=max_iters, adjoint=ImplicitTrajectoryAdjoint(),
         throw=False,
     )

@@ -35,7 +35,7 @@ which has no tableau, is stepped by its own `step`.)
 
 import functools as ft
 from collections.abc import Callable
-from typing import Literal
+from typing import cast, Literal
 
 import diffrax
 import equinox as eqx
@@ -44,7 +44,11 @@ import jax.numpy as jnp
 from diffrax import AbstractLocalInterpolation, AbstractTerm
 from jaxtyping import Array, Float, PyTree, Real
 
-from ._discretisation import AbstractWindowScheme
+from ._discretisation import (
+    AbstractDiscretisation,
+    AbstractWindowScheme,
+    ExponentialTrapezoid,
+)
 from ._interpolation import RungeKuttaGridInterpolation
 from ._misc import TreeFlattener
 from ._recurrence import AbstractExplicitRecurrence
@@ -86,9 +90,9 @@ def check_runge_kutta(solver) -> None:
     else:
         reason = "it is not a diffrax solver"
     raise TypeError(
-        f"`DEER(discretisation=...)` must be None (the exponential scheme) or an explicit "
-        f"Runge--Kutta solver of diffrax ({_EXAMPLES}); got {type(solver).__name__}: "
-        f"{reason}."
+        f"`DEER(discretisation=...)` must be None or `diffrax_deer.ExponentialTrapezoid()` "
+        f"(the exponential scheme), or an explicit Runge--Kutta solver of diffrax "
+        f"({_EXAMPLES}); got {type(solver).__name__}: {reason}."
     )
 
 
@@ -129,7 +133,7 @@ class RungeKuttaScheme(AbstractWindowScheme, AbstractExplicitRecurrence):
 
     @property
     def order(self) -> int:
-        return self.solver.order(self.terms)
+        return cast(int, self.solver.order(self.terms))
 
     @property
     def interpolation_cls(self) -> Callable[..., AbstractLocalInterpolation]:
@@ -159,7 +163,7 @@ class RungeKuttaScheme(AbstractWindowScheme, AbstractExplicitRecurrence):
         # autodiff modes (`scan_kind="bounded"`) measured 3-4x slower here, and slower
         # to compile. Coefficients enter as Python floats (weakly typed: the state's
         # precision is kept).
-        tableau = self.solver.tableau
+        tableau = self.solver.tableau  # pyright: ignore[reportAttributeAccessIssue]
         control = self.terms.contr(ta, tb)
         dt = tb - ta
 
@@ -168,19 +172,20 @@ class RungeKuttaScheme(AbstractWindowScheme, AbstractExplicitRecurrence):
             return ravel(self.terms.vf_prod(t, unravel(z), self.args, control))
 
         def combine(coeffs, ks):
-            parts = [float(a) * k for a, k in zip(coeffs, ks) if a != 0]
+            parts = [float(a) * k for a, k in zip(coeffs, ks, strict=True) if a != 0]
             return sum(parts[1:], parts[0]) if parts else jnp.zeros_like(y)
 
         ks = [increment(tableau.c1, y)]
-        for c, a in zip(tableau.c, tableau.a_lower):
+        for c, a in zip(tableau.c, tableau.a_lower, strict=True):
             ks.append(increment(c, y + combine(a, ks)))
         y1 = y + combine(tableau.b_sol, ks)
         y_error = unravel(combine(tableau.b_error, ks))
         k = self.flattener.unravel_stacked(jnp.stack(ks))
         return y1, y_error, dict(y0=unravel(y), y1=unravel(y1), k=k)
 
-    def map(self, interval, y: Float[Array, " D"]) -> Float[Array, " D"]:
-        return self._step(*interval, y)[0]
+    def map(self, point, y: Float[Array, " D"]) -> Float[Array, " D"]:
+        ta, tb = point  # the grid interval
+        return self._step(ta, tb, y)[0]
 
     def outputs(self, ys_full):
         ta, tb = self.points
@@ -190,3 +195,41 @@ class RungeKuttaScheme(AbstractWindowScheme, AbstractExplicitRecurrence):
             return dense_info, self.defect_error(ys_full, self.slopes(ys_full))
         error = jnp.sum(jnp.abs(self.flattener.ravel_stacked(errors)), axis=0)
         return dense_info, error
+
+
+class RungeKuttaMap(AbstractDiscretisation):
+    """The fixed-step map of an explicit Runge--Kutta `solver` of diffrax (see the
+    module doc): `DEER(discretisation=diffrax.Tsit5())` is shorthand for
+    `DEER(discretisation=RungeKuttaMap(diffrax.Tsit5()))`. Order, error estimate and
+    dense output are the solver's own; a solver without an embedded error estimate
+    (`diffrax.Euler`) gets the defect estimate, of order `order + 1`."""
+
+    solver: diffrax.AbstractSolver = eqx.field(static=True)
+
+    def __check_init__(self):
+        check_runge_kutta(self.solver)
+
+    def window(self, **kwargs) -> RungeKuttaScheme:
+        return RungeKuttaScheme(solver=self.solver, **kwargs)
+
+    def order(self, terms) -> int:
+        return cast(int, self.solver.order(terms))
+
+    def error_order(self, terms) -> int:
+        if has_embedded_error(self.solver):
+            return cast(int, self.solver.error_order(terms))
+        return self.order(terms) + 1
+
+    @property
+    def interpolation_cls(self) -> Callable[..., AbstractLocalInterpolation]:
+        return runge_kutta_interpolation(self.solver)
+
+
+def as_discretisation(discretisation) -> AbstractDiscretisation:
+    """An `AbstractDiscretisation` from `DEER(discretisation=...)`'s shorthands:
+    None (the exponential scheme) or a diffrax Runge--Kutta solver."""
+    if discretisation is None:
+        return ExponentialTrapezoid()
+    if isinstance(discretisation, AbstractDiscretisation):
+        return discretisation
+    return RungeKuttaMap(discretisation)

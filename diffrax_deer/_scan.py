@@ -28,7 +28,6 @@ Jacobian-vector products (quasi-DEER), so they are those of `jax.lax.scan` to so
 tolerance and cost memory independent of the number of iterations.
 """
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -40,10 +39,14 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Float, PyTree
 
-from ._misc import default_tolerance, TreeFlattener
+from ._misc import TreeFlattener
 from ._newton import NewtonStats, previous_states, with_lyapunov_exponent
 from ._recurrence import AbstractExplicitRecurrence
-from ._root_finder import solve_trajectory
+from ._root_finder import (
+    AbstractTrajectoryRootFinder,
+    root_finder_for,
+    solve_trajectory,
+)
 
 
 Method = Literal["auto", "deer", "quasi-deer", "elk", "quasi-elk", "sequential"]
@@ -97,29 +100,27 @@ class _ScanProblem(AbstractExplicitRecurrence):
     def points(self) -> PyTree:
         return self.xs
 
-    def map(self, x, c: Float[Array, " D"]) -> Float[Array, " D"]:
-        return self.step(c, x)
+    def map(self, point, y: Float[Array, " D"]) -> Float[Array, " D"]:
+        return self.step(y, point)
 
     @property
     def closed_form_diagonal(self):
-        if self.diagonal is None:
+        diagonal = self.diagonal
+        if diagonal is None:
             return None
-        return lambda x, c: self.diagonal(c, x)
+        return lambda x, c: diagonal(c, x)
 
 
 def _trivial_stats(dtype) -> NewtonStats:
     """Stats of a solve that took no Newton iteration (sequential, or nothing to
     solve); counters not named here (e.g. rejected steps) are zero."""
-    values = dict(
+    zero = jnp.array(0, jnp.int32)
+    return NewtonStats(
+        num_iters=zero,
         update_norm=jnp.array(0.0, dtype),
         result=optx.RESULTS.successful,
+        num_rejected=zero,
         lyapunov_exponent=jnp.array(jnp.nan, dtype),
-    )
-    return NewtonStats(
-        **{
-            field.name: values.get(field.name, jnp.array(0, jnp.int32))
-            for field in dataclasses.fields(NewtonStats)
-        }
     )
 
 
@@ -127,28 +128,49 @@ def _flip(tree: PyTree) -> PyTree:
     return jtu.tree_map(lambda x: jnp.flip(x, axis=0), tree)
 
 
-def _check_args(method, rtol, atol, max_iters, jacobian_diagonal):
+def _check_args(method, root_finder, shorthands, max_iters, jacobian_diagonal):
     if method not in _METHODS:
         raise ValueError(f"`method` must be one of {list(_METHODS)}; got {method!r}.")
     if not isinstance(max_iters, int) or max_iters < 1:
         raise ValueError(f"`max_iters` must be an integer >= 1; got {max_iters!r}.")
-    for name, value in (("rtol", rtol), ("atol", atol)):
+    if root_finder is not None:
+        if not isinstance(root_finder, AbstractTrajectoryRootFinder):
+            raise TypeError(
+                "`scan(root_finder=...)` must be a `diffrax_deer.ParallelNewton` or "
+                f"`diffrax_deer.ELK`; got {type(root_finder).__name__}."
+            )
+        given = sorted(k for k, v in shorthands.items() if v is not None)
+        if method != "auto" or given:
+            raise ValueError(
+                "`scan(root_finder=...)` takes its method, tolerances, norm and damping "
+                "from the root finder: pass them to it, not to `scan`; got also "
+                f"{given or ['method']}."
+            )
+        method = root_finder.method
+    for name in ("rtol", "atol"):
+        value = shorthands[name]
         if value is not None and not value > 0:
             raise ValueError(f"`{name}` must be positive; got {value}.")
     if jacobian_diagonal is not None and method not in ("auto", "quasi-deer", "quasi-elk"):
         raise ValueError(
-            "`jacobian_diagonal` is only used by `method='quasi-deer'` and "
-            f"`method='quasi-elk'`; got method={method!r}."
+            "`jacobian_diagonal` is only used by a diagonal root finder "
+            "(`method='quasi-deer'` or `'quasi-elk'`, or "
+            f"`ParallelNewton(jacobian='diagonal')`); got method={method!r}."
         )
 
 
-def _resolve_method(method: str, T: int, D: int, has_diagonal: bool) -> str:
-    """`"auto"` -> `"deer"` or `"quasi-deer"` (see `scan`)."""
-    if method != "auto":
-        return method
-    if has_diagonal or T * D * D > AUTO_DENSE_MAX_ENTRIES:
-        return "quasi-deer"
-    return "deer"
+def _resolve_root_finder(
+    method: str, root_finder, shorthands: dict, T: int, D: int, has_diagonal: bool
+) -> AbstractTrajectoryRootFinder:
+    """The root finder `root_finder` or `method` names, `"auto"` resolved to DEER or
+    quasi-DEER (see `scan`)."""
+    if root_finder is not None:
+        return root_finder
+    if method == "auto":
+        dense = not has_diagonal and T * D * D <= AUTO_DENSE_MAX_ENTRIES
+        method = "deer" if dense else "quasi-deer"
+    given = {k: v for k, v in shorthands.items() if v is not None}
+    return root_finder_for(method, **given)
 
 
 def _check_floating_carry(init: PyTree, method: str) -> None:
@@ -184,14 +206,15 @@ def scan(
     unroll: int | bool = 1,
     *,
     method: Method = "auto",
+    root_finder: AbstractTrajectoryRootFinder | None = None,
     rtol: float | None = None,
     atol: float | None = None,
-    norm: Callable[[PyTree], Array] = optx.max_norm,
+    norm: Callable[[PyTree], Array] | None = None,
     max_iters: int = 100,
     throw: bool = True,
     guess: PyTree | None = None,
     jacobian_diagonal: Callable[[PyTree, PyTree], PyTree] | None = None,
-    initial_damping: float = 1.0,
+    initial_damping: float | None = None,
     return_stats: bool = False,
     lyapunov: bool = False,
 ):
@@ -272,10 +295,15 @@ def scan(
     - `unroll`: passed to `jax.lax.scan` by `method="sequential"`; ignored otherwise.
     - `method`: `"auto"` (default), `"deer"`, `"quasi-deer"`, `"elk"`, `"quasi-elk"`
         or `"sequential"`; see above.
+    - `root_finder`: instead of `method` (and of `rtol`, `atol`, `norm`,
+        `initial_damping`), the root finder itself with its options:
+        [`diffrax_deer.ParallelNewton`][] (`jacobian="dense"`: DEER, `"diagonal"`:
+        quasi-DEER) or [`diffrax_deer.ELK`][] (ELK / quasi-ELK), e.g.
+        `root_finder=ParallelNewton(rtol=1e-10, atol=1e-10, jacobian="diagonal")`.
     - `rtol`, `atol`: Newton tolerances; the iteration stops when its last update
         $\delta$ satisfies $\|\delta / (\text{atol} + \text{rtol}\,|c|)\| \le 1$.
         Default (None): 1e-8 in float64, about 2e-5 in float32.
-    - `norm`: norm of the scaled update, as in optimistix. Default
+    - `norm`: norm of the scaled update, as in optimistix. Default (None)
         `optimistix.max_norm`.
     - `max_iters`: maximum Newton iterations. Default 100.
     - `throw`: if the iteration does not converge within `max_iters` (or stays
@@ -286,7 +314,7 @@ def scan(
         that consumes `xs[k]` (whatever `reverse`). E.g. the carries from the previous
         training step, to warm-start. Default: `init` repeated (the DEER paper's
         choice). Never differentiated; it changes only the iteration count.
-    - `initial_damping`: the ELK methods' starting damping (default 1).
+    - `initial_damping`: the ELK methods' starting damping (default (None): 1).
     - `jacobian_diagonal`: for quasi-DEER and quasi-ELK only, an optional function
         `(carry, x) -> PyTree like carry` giving the diagonal of
         $\partial F / \partial c$ cheaply (e.g. in closed form for a GRU), instead of
@@ -329,7 +357,8 @@ def scan(
         stats.num_iters                                            # Newton iterations
         ```
     """
-    _check_args(method, rtol, atol, max_iters, jacobian_diagonal)
+    shorthands = dict(rtol=rtol, atol=atol, norm=norm, damping=initial_damping)
+    _check_args(method, root_finder, shorthands, max_iters, jacobian_diagonal)
     xs = jtu.tree_map(jnp.asarray, xs)
     # Let `jax.lax.scan` check the contract (lengths, carry structure and types) and
     # tell us the types of its results; this traces `f` once, evaluates nothing.
@@ -354,25 +383,18 @@ def scan(
         return finish(init, ys, _trivial_stats(jnp.result_type(float)))
 
     flattener = TreeFlattener(init, what="init")
-    method = _resolve_method(method, T, flattener.size, jacobian_diagonal is not None)
+    finder = _resolve_root_finder(
+        method, root_finder, shorthands, T, flattener.size, jacobian_diagonal is not None
+    )
     if reverse:
         xs = _flip(xs)
-    problem = _problem(f, init, flattener, xs, carry_struct, method, jacobian_diagonal)
+    problem = _problem(f, init, flattener, xs, carry_struct, finder.jacobian, jacobian_diagonal)
     guess_flat = _flat_guess(guess, problem.carry0, flattener, carry_struct, T, reverse)
-    default = default_tolerance(flattener.dtype)
-    carries, stats = solve_trajectory(
-        problem,
-        guess_flat,
-        rtol=default if rtol is None else rtol,
-        atol=default if atol is None else atol,
-        norm=norm,
-        max_iters=max_iters,
-        damping=initial_damping if method in ("elk", "quasi-elk") else None,
-    )
+    carries, stats = solve_trajectory(problem, guess_flat, finder, max_iters)
     if lyapunov:
         stats = with_lyapunov_exponent(stats, problem, carries, 1.0)
     if throw:
-        carries = _raise_if_failed(carries, stats, method, max_iters)
+        carries = _raise_if_failed(carries, stats, finder.method, max_iters)
     final, ys = _outputs(f, flattener, problem.carry0, carries, xs, reverse)
     return finish(final, ys, stats)
 
@@ -385,7 +407,7 @@ def _stats_dtype(init: PyTree):
     return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
 
 
-def _problem(f, init, flattener, xs, carry_struct, method, jacobian_diagonal) -> _ScanProblem:
+def _problem(f, init, flattener, xs, carry_struct, jacobian, jacobian_diagonal) -> _ScanProblem:
     """The carries of the scan `f` from `init` over (forward-ordered) `xs` as a
     trajectory problem on flat carries."""
     x_struct = jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), xs)
@@ -412,8 +434,8 @@ def _problem(f, init, flattener, xs, carry_struct, method, jacobian_diagonal) ->
 
     # With one state the diagonal is the Jacobian: quasi-DEER is DEER (and its
     # implicit derivative needs a single scan).
-    dense = method in ("deer", "elk") or (flattener.size == 1 and diagonal is None)
-    return _ScanProblem(
+    dense = jacobian == "dense" or (flattener.size == 1 and diagonal is None)
+    return _ScanProblem(  # pyright: ignore[reportCallIssue] (exact_jacobian: a property)
         step=step,
         diagonal=diagonal,
         xs=xs,

@@ -5,37 +5,25 @@ from typing import ClassVar, Literal
 
 import diffrax
 import equinox as eqx
-import jax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import optimistix as optx
 from diffrax import AbstractTerm, ODETerm, RESULTS
-from jaxtyping import Array, Float, Int, PyTree
 
 # diffrax wraps terms to handle the time direction and backsolve adjoints; these wrappers
 # are not exported, so we recognise them from diffrax's private module.
 from diffrax._term import AdjointTerm, WrapTerm
+from jaxtyping import Array, Float, Int, PyTree
 
-from ._discretisation import AbstractWindowScheme, ExponentialScheme, uniform_grid
-from ._initial_guess import coarse_grid_guess, constant_guess
-from ._misc import default_tolerance, TreeFlattener
+from ._discretisation import AbstractDiscretisation, AbstractWindowScheme, uniform_grid
+from ._initial_guess import AbstractInitialGuess, as_initial_guess
+from ._misc import TreeFlattener
 from ._newton import is_successful, with_lyapunov_exponent
-from ._root_finder import solve_trajectory
-from ._runge_kutta import (
-    check_runge_kutta,
-    has_embedded_error,
-    runge_kutta_interpolation,
-    RungeKuttaScheme,
+from ._root_finder import (
+    AbstractTrajectoryRootFinder,
+    root_finder_for,
+    solve_trajectory,
 )
-
-
-# method -> (Jacobian structure, trust-region damping?)
-_METHODS = {
-    "deer": ("dense", False),
-    "quasi-deer": ("diagonal", False),
-    "elk": ("dense", True),
-    "quasi-elk": ("diagonal", True),
-}
+from ._runge_kutta import as_discretisation
 
 
 class DEERState(eqx.Module):
@@ -106,28 +94,6 @@ def _closure_convert(terms, t0, y0, args):
         return eqx.tree_at(lambda w: w.term, terms, inner)
     vf = eqx.filter_closure_convert(terms.vector_field, t0, y0, args)
     return eqx.tree_at(lambda term: term.vector_field, terms, vf)
-
-
-def _user_guess(fn, problem, flattener):
-    """The user's initial trajectory `fn(t)` on the window's grid (after `y0`)."""
-    ts = problem.ts[1:]
-    try:
-        struct = jax.eval_shape(fn, ts[0])
-    except Exception as e:
-        raise ValueError(
-            "`DEER(initial_guess=fn)` must be a function of a scalar time returning a "
-            "state like `y0` (e.g. a previous solution's `sol.evaluate`)."
-        ) from e
-    expected = jax.eval_shape(flattener.unravel, problem.init)
-    if jtu.tree_structure(struct) != jtu.tree_structure(expected) or any(
-        a.shape != b.shape for a, b in zip(jtu.tree_leaves(struct), jtu.tree_leaves(expected))
-    ):
-        raise ValueError(
-            "`DEER(initial_guess=fn)`: `fn(t)` must return a PyTree with the structure "
-            f"and shapes of `y0`; got {struct} for {expected}."
-        )
-    guess = jax.vmap(lambda t: flattener.ravel(fn(t)))(ts)
-    return guess.astype(problem.init.dtype)
 
 
 # Rematerialised in reverse mode, for the reason given at `_newton._implicit_tangent`:
@@ -204,18 +170,18 @@ class DEER(diffrax.AbstractAdaptiveSolver):
     """
 
     num_points: int = eqx.field(static=True, default=1001)
-    rtol: float | None = eqx.field(static=True, default=None)
-    atol: float | None = eqx.field(static=True, default=None)
+    root_finder: AbstractTrajectoryRootFinder | None = None
+    # Not static: a warm start may hold arrays (e.g. a previous `diffrax.Solution`).
+    initial_guess: AbstractInitialGuess | Literal["coarse", "constant"] | Callable = "coarse"
+    discretisation: AbstractDiscretisation | diffrax.AbstractSolver | None = None
     max_iters: int = eqx.field(static=True, default=100)
-    norm: Callable[[PyTree], Array] = eqx.field(static=True, default=optx.max_norm)
-    method: Literal["deer", "quasi-deer", "elk", "quasi-elk"] = eqx.field(
-        static=True, default="deer"
-    )
-    initial_damping: float = eqx.field(static=True, default=1.0)
-    # Not static: a callable guess may hold arrays (e.g. a previous `diffrax.Solution`).
-    initial_guess: Literal["coarse", "constant"] | Callable = "coarse"
     lyapunov: bool = eqx.field(static=True, default=False)
-    discretisation: diffrax.AbstractSolver | None = eqx.field(static=True, default=None)
+    # Shorthands for the root finder (see `__init__`'s documentation).
+    method: Literal["deer", "quasi-deer", "elk", "quasi-elk"] | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    norm: Callable[[PyTree], Array] | None = None
+    initial_damping: float | None = None
 
     term_structure: ClassVar = AbstractTerm
 
@@ -225,64 +191,48 @@ class DEER(diffrax.AbstractAdaptiveSolver):
                 f"`num_points` must be an integer >= 2 (a window has at least its two "
                 f"endpoints); got {self.num_points!r}."
             )
-        if self.max_iters < 1:
-            raise ValueError(f"`max_iters` must be >= 1; got {self.max_iters}.")
-        if self.method not in _METHODS:
-            raise ValueError(
-                f"`method` must be one of {list(_METHODS)}; got {self.method!r}."
-            )
-        if not self.initial_damping > 0:
-            raise ValueError(
-                f"`initial_damping` must be positive; got {self.initial_damping}."
-            )
-        if not callable(self.initial_guess) and self.initial_guess not in (
-            "coarse",
-            "constant",
-        ):
-            raise ValueError(
-                f"`initial_guess` must be 'coarse', 'constant' or a function of time "
-                f"returning a state like `y0`; got {self.initial_guess!r}."
-            )
-        for name in ("rtol", "atol"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"`{name}` must be positive; got {value}.")
-        if self.discretisation is not None:
-            check_runge_kutta(self.discretisation)
-
-    def _scheme(self, terms, args, t0, t1, y0, flattener) -> AbstractWindowScheme:
-        """The discretisation of one window from `t0` to `t1` (flat state `y0`)."""
-        common = dict(
-            terms=terms, args=args, t0=jnp.asarray(t0), t1=jnp.asarray(t1), y0=y0,
-            flattener=flattener, num_points=self.num_points,
-            jacobian=_METHODS[self.method][0],
-        )
-        if self.discretisation is None:
-            return ExponentialScheme(**common)
-        return RungeKuttaScheme(solver=self.discretisation, **common)
+        if not isinstance(self.max_iters, int) or self.max_iters < 1:
+            raise ValueError(f"`max_iters` must be an integer >= 1; got {self.max_iters!r}.")
+        # Resolving the options validates them (their own `__check_init__`s).
+        _ = self.resolved_root_finder
+        as_initial_guess(self.initial_guess)
+        as_discretisation(self.discretisation)
 
     @property
-    def interpolation_cls(self):
-        # Depends on the discretisation: cubic Hermite, or the Runge--Kutta solver's own
-        # interpolation on every grid interval.
-        if self.discretisation is None:
-            return ExponentialScheme.interpolation_cls
-        return runge_kutta_interpolation(self.discretisation)
+    def resolved_root_finder(self) -> AbstractTrajectoryRootFinder:
+        """`root_finder`, or the one the shorthands name (default: DEER,
+        `ParallelNewton()`)."""
+        shorthands = dict(
+            rtol=self.rtol, atol=self.atol, norm=self.norm, damping=self.initial_damping
+        )
+        given = {k: v for k, v in shorthands.items() if v is not None}
+        if self.root_finder is None:
+            return root_finder_for(self.method or "deer", **given)
+        if self.method is not None or given:
+            raise ValueError(
+                "`DEER(root_finder=...)` takes its tolerances, norm and damping from the "
+                "root finder: pass them to it (e.g. `diffrax_deer.ParallelNewton(rtol=..., "
+                f"atol=...)`), not as `DEER` options; got also {sorted(given) or ['method']}."
+            )
+        if not isinstance(self.root_finder, AbstractTrajectoryRootFinder):
+            raise TypeError(
+                "`DEER(root_finder=...)` must be a `diffrax_deer.ParallelNewton` or "
+                f"`diffrax_deer.ELK`; got {type(self.root_finder).__name__}."
+            )
+        return self.root_finder
+
+    @property
+    def interpolation_cls(self):  # pyright: ignore[reportIncompatibleMethodOverride]
+        return as_discretisation(self.discretisation).interpolation_cls
 
     def order(self, terms) -> int:
-        if self.discretisation is None:
-            return 2
-        return self.discretisation.order(terms)
+        return as_discretisation(self.discretisation).order(terms)
 
     def error_order(self, terms) -> int:
-        # The window's error estimate (see `AbstractWindowScheme.defect_error`) for a
-        # window of length dt with a fixed number N of points: the sum of N - 1 local
-        # error estimates, each of order (dt / (N - 1))^q, so of order q in dt. With an
-        # embedded Runge--Kutta estimate q = the solver's own error order; with the
-        # defect estimate q = p + 1, the local error order of the order-p scheme.
-        if self.discretisation is not None and has_embedded_error(self.discretisation):
-            return self.discretisation.error_order(terms)
-        return self.order(terms) + 1
+        # A window's estimate (see `AbstractWindowScheme.defect_error`) with a fixed
+        # number N of points sums N - 1 local estimates of order (dt / (N - 1))^q: of
+        # order q in the window length dt.
+        return as_discretisation(self.discretisation).error_order(terms)
 
     def init(self, terms, t0, t1, y0, args) -> DEERState:
         _ode_term(terms)
@@ -294,12 +244,6 @@ class DEER(diffrax.AbstractAdaptiveSolver):
             zero, zero, zero, zero, jnp.array(0.0, dtype), zero, nan, jnp.zeros((), dtype)
         )
 
-    def _tolerances(self, dtype) -> tuple[float, float]:
-        default = default_tolerance(dtype)
-        rtol = default if self.rtol is None else self.rtol
-        atol = default if self.atol is None else self.atol
-        return rtol, atol
-
     def step(self, terms, t0, t1, y0, args, solver_state: DEERState, made_jump):
         del made_jump
         # (The example time has the grid's dtype: the converted field is called at it.)
@@ -310,28 +254,13 @@ class DEER(diffrax.AbstractAdaptiveSolver):
             jnp.invert(jnp.all(jnp.isfinite(flattener.ravel(y0)))),
             "`diffrax_deer.DEER` got a non-finite (NaN or inf) initial state `y0`.",
         )
-        rtol, atol = self._tolerances(flattener.dtype)
-        problem = self._scheme(terms, args, t0, t1, y0_flat, flattener)
-        damping = self.initial_damping if _METHODS[self.method][1] else None
-        coarse_iters = jnp.array(0, jnp.int32)
-        if callable(self.initial_guess):
-            guess = _user_guess(self.initial_guess, problem, flattener)
-        elif self.initial_guess == "coarse":
-            guess, coarse_iters = coarse_grid_guess(
-                problem, rtol=rtol, atol=atol, norm=self.norm, max_iters=self.max_iters,
-                damping=damping,
-            )
-        else:
-            guess = constant_guess(problem)
-        ys, stats = solve_trajectory(
-            problem,
-            guess,
-            rtol=rtol,
-            atol=atol,
-            norm=self.norm,
-            max_iters=self.max_iters,
-            damping=damping,
+        finder = self.resolved_root_finder.with_default_tolerances(flattener.dtype)
+        problem = as_discretisation(self.discretisation).window(
+            terms=terms, args=args, t0=jnp.asarray(t0), t1=jnp.asarray(t1), y0=y0_flat,
+            flattener=flattener, num_points=self.num_points, jacobian=finder.jacobian,
         )
+        guess, coarse_iters = as_initial_guess(self.initial_guess)(problem, finder, self.max_iters)
+        ys, stats = solve_trajectory(problem, guess, finder, self.max_iters)
         # A window is only as good as its values: a converged iteration whose values
         # overflowed is a divergence. A failed window returns NaN (there is no answer)
         # and an infinite error, so that an adaptive controller rejects it and retries
@@ -342,14 +271,12 @@ class DEER(diffrax.AbstractAdaptiveSolver):
             optx.RESULTS.nonlinear_divergence,
             stats.result,
         )
-        ys_full = jnp.concatenate([y0_flat[None], ys])
-        ys_full = jnp.where(valid, ys_full, jnp.nan)
+        ys_full = jnp.where(valid, jnp.concatenate([y0_flat[None], ys]), jnp.nan)
         dense_info, error = _outputs(problem, ys_full)
         y_error = flattener.unravel(jnp.where(valid, error, jnp.inf))
         state = self._update_state(solver_state, stats, coarse_iters, problem, ys, t0, t1)
-        return flattener.unravel(ys_full[-1]), y_error, dense_info, state, (
-            RESULTS.promote(result)
-        )
+        y1 = flattener.unravel(ys_full[-1])
+        return y1, y_error, dense_info, state, RESULTS.promote(result)
 
     def _update_state(self, state, stats, coarse_iters, problem, ys, t0, t1):
         iters = stats.num_iters
@@ -380,49 +307,56 @@ class DEER(diffrax.AbstractAdaptiveSolver):
 DEER.__init__.__doc__ = r"""**Arguments:**
 
 - `num_points`: grid points per window (both ends included), at least 2. Default 1001.
-- `rtol`, `atol`: Newton tolerances: a window is converged when its last update
-    satisfies $\|\delta / (\text{atol} + \text{rtol}\,|y|)\| \le 1$. Default (None):
-    1e-8 in float64, about 2e-5 in float32.
+- `root_finder`: the parallel iteration that solves each window, an
+    `optimistix.AbstractRootFinder` with its tolerances and Jacobian structure:
+    [`diffrax_deer.ParallelNewton`][] (default `ParallelNewton()`: DEER, full Jacobians,
+    undamped Newton; `ParallelNewton(jacobian="diagonal")`: quasi-DEER, only the
+    diagonal of the Jacobian: $O(TD)$ memory and elementwise exponentials, converging to
+    the exponential scheme with a diagonal linear part, also 2nd order) or
+    [`diffrax_deer.ELK`][] (ELK / quasi-ELK: the same linearisations with trust-region
+    Levenberg--Marquardt steps computed by a parallel Kalman smoother; slower per
+    iteration, more robust on dynamics that are not contractive). A window is converged
+    when its last update satisfies
+    $\|\delta / (\text{atol} + \text{rtol}\,|y|)\| \le 1$; tolerances default to 1e-8
+    in float64, about 2e-5 in float32.
+- `initial_guess`: how each window's Newton iteration starts, an
+    `AbstractInitialGuess`. [`diffrax_deer.CoarseGridGuess`][] (default; shorthand
+    `"coarse"`): solve the window on a grid 8x coarser (at least 32 intervals;
+    recursively while it has more than 2048) and interpolate; the fine grid then usually
+    needs 1-3 iterations. [`diffrax_deer.ConstantGuess`][] (`"constant"`): the window's
+    initial state everywhere (the DEER paper's choice).
+    [`diffrax_deer.WarmStartGuess`][]`(fn)` (or just a function `fn`): `fn(t) -> state
+    like y0` evaluated on each window's grid, e.g. `previous_sol.evaluate` with the
+    solution of the same trajectory at the previous training step (its
+    `SaveAt(dense=True)`), so that Newton needs one or two iterations. The guess affects
+    only speed and robustness, never the converged answer, its gradients or its error
+    estimate.
+- `discretisation`: the scheme on the grid, an `AbstractDiscretisation`. `None`
+    (default) or [`diffrax_deer.ExponentialTrapezoid`][]`()`: the exponential scheme
+    above. Or an explicit Runge--Kutta solver of diffrax (any `diffrax.AbstractERK`
+    with an explicit tableau: `Tsit5()`, `Dopri5()`, `Dopri8()`, `Bosh3()`, `Heun()`,
+    `Midpoint()`, `Ralston()`, ...; or `Euler()`), shorthand for
+    [`diffrax_deer.RungeKuttaMap`][]`(solver)`: the grid values are then those of
+    `diffeqsolve(..., solver, stepsize_controller=diffrax.ConstantStepSize(),
+    dt0=<grid spacing>)`, to the Newton tolerance. Its map is an explicit recurrence,
+    so Newton uses the exact Jacobian of one step (its diagonal with a diagonal root
+    finder) and converges in at most `num_points - 1` iterations from any guess. Order,
+    error estimate and dense output are the solver's: `y_error` is its embedded
+    estimate summed (in absolute value) over the window's steps, so `error_order` is
+    the solver's own (for `Euler`, which has none: the defect estimate, see "Error
+    estimates" above); dense output is the solver's own interpolation on each grid
+    interval (e.g. Tsit5's 4th-order polynomial). Implicit, SDE, wrapped and other
+    non-Runge--Kutta solvers raise a `TypeError`.
 - `max_iters`: maximum Newton iterations per window. Default 100. A window that does
     not converge ends the solve with `sol.result` =
     `RESULTS.nonlinear_max_steps_reached` (or `nonlinear_divergence` if its iterates
     became non-finite); with `diffeqsolve(..., throw=True)` (the default) that raises.
-- `norm`: norm over the scaled update, as in optimistix. Default `optimistix.max_norm`.
-- `method`: how each Newton iteration linearises and steps.
-    `"deer"` (default): full Jacobians, undamped Newton (DEER).
-    `"quasi-deer"`: only the diagonal of the Jacobian: $O(TD)$ memory and elementwise
-    exponentials; converges to the exponential scheme with a diagonal linear part
-    (also 2nd order).
-    `"elk"` / `"quasi-elk"`: the same linearisations with trust-region
-    Levenberg--Marquardt steps computed by a parallel Kalman smoother (ELK); slower
-    per iteration, more robust on dynamics that are not contractive.
-- `initial_damping`: starting Levenberg--Marquardt damping for the ELK methods,
-    adapted every iteration by the ratio of actual to predicted residual reduction.
-- `initial_guess`: how each window's Newton iteration starts. `"coarse"` (default):
-    solve the window on a grid 8x coarser (at least 32 intervals; recursively while
-    it has more than 2048) and interpolate; the fine grid then usually needs 1-3
-    iterations. `"constant"`: the window's initial state everywhere (the DEER paper's choice). Or a function
-    `guess(t) -> state like y0`, evaluated on each window's grid: a *warm start*, e.g.
-    `initial_guess=previous_sol.evaluate` with the solution of the same trajectory at
-    the previous training step (its `SaveAt(dense=True)`), so that Newton needs one or
-    two iterations. The guess affects only speed and robustness, never the converged
-    answer, its gradients or its error estimate.
 - `lyapunov`: also estimate the largest Lyapunov exponent of each window's trajectory
     (one extra Jacobian evaluation and scan per window), reported (averaged over
     windows) in `DEERState.lyapunov_exponent`. Default False.
-- `discretisation`: the scheme on the grid. `None` (default): the exponential scheme
-    above. Or an explicit Runge--Kutta solver of diffrax (any `diffrax.AbstractERK`
-    with an explicit tableau: `Tsit5()`, `Dopri5()`, `Dopri8()`, `Bosh3()`, `Heun()`,
-    `Midpoint()`, `Ralston()`, ...; or `Euler()`): the grid values are then those of
-    `diffeqsolve(..., solver, stepsize_controller=diffrax.ConstantStepSize(),
-    dt0=<grid spacing>)`, to the Newton tolerance. Its map is an explicit recurrence,
-    so Newton uses the exact Jacobian of one step (its diagonal with
-    `method="quasi-deer"`) and converges in at most `num_points - 1` iterations from
-    any guess. Order, error estimate and dense output are the solver's:
-    `y_error` is its embedded estimate summed (in absolute value) over the window's
-    steps, so `error_order` is the solver's own (for `Euler`, which has none: the
-    defect estimate, see "Error estimates" above); dense output
-    is the solver's own interpolation on each grid interval (e.g. Tsit5's 4th-order
-    polynomial). Implicit, SDE, wrapped and other non-Runge--Kutta solvers raise a
-    `TypeError`.
+- Shorthands for the root finder, used only without `root_finder=` (passing both
+    raises): `method` (`"deer"`, `"quasi-deer"`, `"elk"`, `"quasi-elk"`), `rtol`,
+    `atol`, `norm` and `initial_damping` (ELK's starting damping).
+    `DEER(method="quasi-elk", rtol=1e-6)` is
+    `DEER(root_finder=ELK(rtol=1e-6, jacobian="diagonal"))`.
 """

@@ -19,7 +19,7 @@ import pytest
 from jax.extend import core as jex_core
 
 import diffrax_deer
-from diffrax_deer._scan import _resolve_method, AUTO_DENSE_MAX_ENTRIES
+from diffrax_deer._scan import _resolve_root_finder, AUTO_DENSE_MAX_ENTRIES
 
 from .helpers import tree_allclose
 
@@ -332,10 +332,14 @@ def test_quasi_deer_never_builds_TDD():
 
 
 def test_auto_method():
-    assert _resolve_method("auto", 1000, 8, False) == "deer"
-    assert _resolve_method("auto", AUTO_DENSE_MAX_ENTRIES // 64 + 1, 8, False) == "quasi-deer"
-    assert _resolve_method("auto", 10, 8, True) == "quasi-deer"
-    assert _resolve_method("deer", 10**9, 8, False) == "deer"
+    def method(name, T, D, has_diagonal):
+        return _resolve_root_finder(name, None, {}, T, D, has_diagonal).method
+
+    assert method("auto", 1000, 8, False) == "deer"
+    assert method("auto", AUTO_DENSE_MAX_ENTRIES // 64 + 1, 8, False) == "quasi-deer"
+    assert method("auto", 10, 8, True) == "quasi-deer"
+    assert method("deer", 10**9, 8, False) == "deer"
+    assert method("quasi-elk", 10, 8, False) == "quasi-elk"
 
 
 def _expansive(c, x):
