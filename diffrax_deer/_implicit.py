@@ -11,11 +11,13 @@ where $L$ is block lower-bidiagonal and $\tilde L$, the linear recurrence of the
 linearisation at $y$ (transitions $A_k$), approximates it (is it, when the
 linearisation is exact).
 
-- Forward mode: $R\,\mathrm{d}\theta$ by one Jacobian-vector product, then the solve
-  with $L$ by `TrajectoryJacobianSolver` (lineax): one scan, refined by Richardson
-  steps $x \leftarrow x + \tilde L^{-1}(v - L x)$ when $\tilde L \ne L$.
+- Forward mode: $R\,\mathrm{d}\theta$ by one Jacobian-vector product, then
+  `lineax.linear_solve` with $L$ as a `TrajectoryJacobianOperator` and
+  `TrajectoryJacobianSolver` (see `_lineax.py`): one scan, refined by Richardson steps
+  $x \leftarrow x + \tilde L^{-1}(v - L x)$ when $\tilde L \ne L$.
 - Reverse mode (the transpose): the cotangent $\bar\theta = -R^\top \lambda$ with
-  $L^\top \lambda = \bar y$, by the transposed scan refined by
+  $L^\top \lambda = \bar y$, by the transposed operator's scan refined (the same
+  `refine`) by
   $\lambda \leftarrow \lambda + \tilde L^{-\top}(\bar y - L^\top \lambda)$ (one
   vector-Jacobian product of the residual per step), and $R^\top \lambda$. With dense
   transitions the products are taken with respect to $y$ and $\theta$ at once and the
@@ -35,14 +37,12 @@ import functools as ft
 import equinox as eqx
 import equinox.internal as eqxi
 import jax
-import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
 
-from ._linear_recurrence import linear_recurrence
-from ._lineax import not_converged_message, TrajectoryJacobianSolver
+from ._lineax import refine, trajectory_jacobian, TrajectoryJacobianSolver
 from ._misc import (
     batched_like,
     cotangents_for,
@@ -73,12 +73,8 @@ def _forward(ys_at, ok, problem, t_problem, rtol, max_steps):
     if t_residual is None:
         return jnp.zeros_like(ys_at)
     t_residual = jnp.where(ok, t_residual, 0)
-    operator = lx.JacobianLinearOperator(_residual, ys_at, problem)
-    transitions, _ = problem.linearise(ys_at)
-    solver = TrajectoryJacobianSolver(
-        lax.stop_gradient(transitions), exact=problem.exact_jacobian, rtol=rtol,
-        max_steps=max_steps,
-    )
+    operator = trajectory_jacobian(problem, ys_at)
+    solver = TrajectoryJacobianSolver(rtol=rtol, max_steps=max_steps)
     return lx.linear_solve(operator, -t_residual, solver).value
 
 
@@ -86,15 +82,10 @@ def _transpose(ys_at, ok, problem, ct, rtol, max_steps):
     """$-R^\\top L^{-\\top} \\bar y$ as a PyTree like `problem` (see module doc), and
     the number of backward passes through the residual it took."""
     ct = jnp.where(ok, ct, 0)
-    transitions, _ = problem.linearise(ys_at)
-    A = lax.stop_gradient(transitions)
+    operator = trajectory_jacobian(problem, ys_at).transpose()
     _, vjp = eqx.filter_vjp(_residual, ys_at, problem)
-
-    def precondition(r):
-        return linear_recurrence(A, r, transpose=True)
-
-    lam = precondition(ct)
-    if problem.exact_jacobian:
+    if operator.exact:
+        lam = operator.precondition(ct)
         return jtu.tree_map(jnp.negative, vjp(lam)[1]), jnp.array(1)
 
     # Dense transitions (the ODE scheme) need one or two refinement steps: each step's
@@ -106,28 +97,15 @@ def _transpose(ys_at, ok, problem, ct, rtol, max_steps):
     # but the last would be wasted. Measured (CPU, py3.11, noisy): mlp4 neural ODE
     # T = 1e4 gradient 96-108 ms joint, 119 ms separate; GRU quasi-DEER scan (D = 8,
     # T = 1e3, batch 16, 15 steps) gradient / forward 2.1-2.2x joint, 1.7-2.2x separate.
-    joint = A.ndim == 3
-    zero = jtu.tree_map(
-        lambda x: jnp.zeros(x.shape, x.dtype), eqx.filter_eval_shape(lambda v: vjp(v)[1], lam)
-    )
+    joint = operator.transitions.ndim == 3
 
-    def cond(carry):
-        i, _, _, converged = carry
-        return (i < max_steps) & jnp.invert(converged)
-
-    def body(carry):
-        i, lam, g_problem, _ = carry
+    def apply(lam):
         g_ys, g = vjp(lam)
-        step = precondition(ct - g_ys)
-        size = jnp.max(jnp.abs(step))
-        converged = size <= rtol * jnp.max(jnp.abs(lam + step))
-        g_problem = g if joint else g_problem
-        return i + 1, lam + step, g_problem, converged | jnp.invert(jnp.isfinite(size))
+        return g_ys, (g if joint else None)
 
-    carry = (jnp.array(0), lam, zero, jnp.array(False))
-    num_steps, lam, g_problem, converged = lax.while_loop(cond, body, carry)
-    failed = jnp.invert(converged & jnp.all(jnp.isfinite(lam)))
-    lam = eqx.error_if(lam, failed, not_converged_message(max_steps))
+    lam, g_problem, num_steps = refine(
+        apply, operator.precondition, ct, rtol=rtol, max_steps=max_steps
+    )
     if not joint:
         g_problem, num_steps = vjp(lam)[1], num_steps + 1
     return jtu.tree_map(jnp.negative, g_problem), num_steps

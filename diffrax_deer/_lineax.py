@@ -1,34 +1,41 @@
-r"""A lineax solver for the Jacobian of a trajectory residual.
+r"""The Jacobian of a trajectory residual as a lineax operator, and its solver.
 
 For a trajectory $y_1, \dots, y_T$ defined by the residual
-$r_k(y) = y_k - \Phi_k(y_{k-1}, y_k)$, the Jacobian $\partial r / \partial y$ is block
+$r_k(y) = y_k - \Phi_k(y_{k-1}, y_k)$, the Jacobian $L = \partial r / \partial y$ is block
 lower-bidiagonal. Implicit differentiation needs solves with it and with its transpose.
 
-The Newton methods already hold an approximation of it: the linear recurrence
-$x_k - A_k x_{k-1}$ whose transitions $A_k$ they linearised at the solution. This solver
-uses that recurrence (solved by the parallel scan, forwards or transposed/backwards) as
-a preconditioner in a Richardson iteration
+`TrajectoryJacobianOperator` holds that structure, as lineax's
+`TridiagonalLinearOperator` holds its diagonals: the exact products ($L x$ by a
+Jacobian-vector product of the residual, $L^\top x$ by a vector-Jacobian product) and
+the transitions $A_k$ of the problem's Newton linearisation at the same point, the
+linear recurrence $(\tilde L x)_k = x_k - A_k x_{k-1}$ that approximates $L$ (and is
+$L$ when the linearisation is exact). `TrajectoryJacobianSolver` reads the transitions
+off the operator in `init`, as lineax's `Tridiagonal` reads the diagonals, and solves
+with $\tilde L$ by the parallel scan (forwards, or transposed/backwards for
+$L^\top$), refined by Richardson iterations (`refine`)
 
-$$x \leftarrow x + \tilde L^{-1} (v - L x),$$
+$$x \leftarrow x + \tilde L^{-1} (v - L x)$$
 
-where $L x$ is an exact Jacobian-vector product of the residual. When the recurrence is
-the exact Jacobian (DEER on a recurrence), one scan solves the system and no product is
-needed. Otherwise the iteration contracts at the rate of the Newton iteration itself
+when $\tilde L \ne L$. The iteration contracts at the rate of the Newton iteration itself
 (the same matrix $I - \tilde L^{-1} L$ governs both), and for diagonal (quasi)
-transitions $I - \tilde L^{-1} L$ is strictly block-lower-triangular, so it terminates
-in at most $T$ iterations. Memory is that of the transitions: $O(TD)$ for diagonal ones,
-no $(T, D, D)$ array is ever built for them.
+transitions of an explicit recurrence $I - \tilde L^{-1} L$ is strictly
+block-lower-triangular, so it terminates in at most $T$ iterations. Memory is that of
+the transitions: $O(TD)$ for diagonal ones, no $(T, D, D)$ array is ever built for them.
 """
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import lineax as lx
-from jaxtyping import Array
+from jaxtyping import Array, Float, PyTree
 
 from ._linear_recurrence import linear_recurrence
+from ._newton import AbstractTrajectoryProblem
 
 
 def not_converged_message(max_steps: int) -> str:
@@ -47,65 +54,176 @@ _NOT_CONVERGED = (
 )
 
 
+def refine(
+    apply: Callable[[Array], tuple[Array, PyTree]],
+    precondition: Callable[[Array], Array],
+    vector: Float[Array, "T D"],
+    *,
+    rtol: float,
+    max_steps: int,
+) -> tuple[Float[Array, "T D"], PyTree, Array]:
+    r"""Solves $L x = v$ by $x \leftarrow x + \tilde L^{-1}(v - L x)$ from
+    $x = \tilde L^{-1} v$, until a correction is below `rtol` relative to $x$ (at most
+    `max_steps` corrections). `apply(x)` returns $L x$ and anything else computed with
+    it (e.g. the parameters' part of the same backward pass), returned for the last
+    $x$ it was applied to. Raises at run time if the iteration does not converge.
+
+    Returns $x$, that by-product, and the number of products with $L$ taken."""
+    x = precondition(vector)
+    aux_struct = eqx.filter_eval_shape(lambda x: apply(x)[1], x)
+    aux = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux_struct)
+
+    def cond(carry):
+        i, _, _, converged = carry
+        return (i < max_steps) & jnp.invert(converged)
+
+    def body(carry):
+        i, x, _, _ = carry
+        product, aux = apply(x)
+        step = precondition(vector - product)
+        x = x + step
+        size = jnp.max(jnp.abs(step))
+        converged = (size <= rtol * jnp.max(jnp.abs(x))) | jnp.invert(jnp.isfinite(size))
+        return i + 1, x, aux, converged
+
+    carry = (jnp.array(0), x, aux, jnp.array(False))
+    num_steps, x, aux, converged = lax.while_loop(cond, body, carry)
+    failed = jnp.invert(converged & jnp.all(jnp.isfinite(x)))
+    x = eqx.error_if(x, failed, not_converged_message(max_steps))
+    return x, aux, num_steps
+
+
+class TrajectoryJacobianOperator(lx.AbstractLinearOperator):
+    r"""$L = \partial r / \partial y$ of a trajectory problem at a trajectory (or
+    $L^\top$), block lower-bidiagonal (see the module doc), with the transitions $A_k$
+    of the problem's linearisation there as its structure. Built by
+    `trajectory_jacobian`.
+
+    **Fields:**
+
+    - `jacobian`: the exact products, a `lineax.JacobianLinearOperator` of the residual
+        (or its transpose, or their linearisation).
+    - `transitions`: $A_k$, `(T, D, D)` or diagonal `(T, D)`.
+    - `exact`: whether $x_k - A_k x_{k-1}$ *is* $L$ (then one scan solves).
+    - `transposed`: whether this is $L^\top$.
+    """
+
+    jacobian: lx.AbstractLinearOperator
+    transitions: Array
+    exact: bool = eqx.field(static=True)
+    transposed: bool = eqx.field(static=True, default=False)
+
+    def mv(self, vector):
+        return self.jacobian.mv(vector)
+
+    def as_matrix(self):
+        return self.jacobian.as_matrix()
+
+    def transpose(self) -> "TrajectoryJacobianOperator":
+        return dataclasses.replace(
+            self, jacobian=self.jacobian.transpose(), transposed=not self.transposed
+        )
+
+    def in_structure(self):
+        return self.jacobian.in_structure()
+
+    def out_structure(self):
+        return self.jacobian.out_structure()
+
+    def precondition(self, vector: Float[Array, "T D"]) -> Float[Array, "T D"]:
+        r"""$\tilde L^{-1} v$ (or $\tilde L^{-\top} v$): one parallel scan."""
+        return linear_recurrence(self.transitions, vector, transpose=self.transposed)
+
+
+def _residual(ys, problem):
+    return problem.residual(ys)
+
+
+def trajectory_jacobian(
+    problem: AbstractTrajectoryProblem,
+    ys: Float[Array, "T D"],
+    transitions: Array | None = None,
+) -> TrajectoryJacobianOperator:
+    """The `TrajectoryJacobianOperator` of `problem` at `ys`, with the transitions of
+    `problem.linearise(ys)` unless given."""
+    if transitions is None:
+        transitions, _ = problem.linearise(ys)
+    return TrajectoryJacobianOperator(
+        lx.JacobianLinearOperator(_residual, ys, problem),
+        lax.stop_gradient(transitions),
+        exact=bool(problem.exact_jacobian),
+    )
+
+
+@lx.linearise.register(TrajectoryJacobianOperator)
+def _(operator):
+    return dataclasses.replace(operator, jacobian=lx.linearise(operator.jacobian))
+
+
+@lx.materialise.register(TrajectoryJacobianOperator)
+def _(operator):
+    return lx.materialise(operator.jacobian)
+
+
+@lx.diagonal.register(TrajectoryJacobianOperator)
+def _(operator):
+    return lx.diagonal(operator.jacobian)
+
+
+@lx.is_lower_triangular.register(TrajectoryJacobianOperator)
+@lx.is_upper_triangular.register(TrajectoryJacobianOperator)
+@lx.is_symmetric.register(TrajectoryJacobianOperator)
+@lx.is_diagonal.register(TrajectoryJacobianOperator)
+@lx.is_tridiagonal.register(TrajectoryJacobianOperator)
+@lx.has_unit_diagonal.register(TrajectoryJacobianOperator)
+@lx.is_positive_semidefinite.register(TrajectoryJacobianOperator)
+@lx.is_negative_semidefinite.register(TrajectoryJacobianOperator)
+def _(operator):
+    # Block lower-bidiagonal, but its diagonal blocks I - dPhi_k/dy_k are full: none
+    # of lineax's elementwise structures.
+    return False
+
+
 class TrajectoryJacobianSolver(lx.AbstractLinearSolver):
-    """Solves with the Jacobian of a trajectory residual (or its transpose), given the
-    transitions `A` of an approximating linear recurrence.
+    """Solves with a `TrajectoryJacobianOperator` (or its transpose): one scan of the
+    operator's transitions, refined with exact products unless they are exact (see the
+    module doc).
 
     **Arguments:**
 
-    - `transitions`: `(T, D, D)` or `(T, D)` transitions linearised at the solution.
-    - `exact`: whether `I - A` shifted *is* the Jacobian (then one scan suffices).
-    - `rtol`: relative tolerance of the refinement iteration.
-    - `max_steps`: maximum number of refinement iterations.
+    - `rtol`: relative tolerance of the refinement.
+    - `max_steps`: maximum number of refinement steps.
     """
 
-    transitions: Array
-    exact: bool = eqx.field(static=True)
-    rtol: float = eqx.field(static=True, default=1e-10)
+    rtol: float = 1e-10
     max_steps: int = eqx.field(static=True, default=256)
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
         del options
-        if not self.exact:
-            operator = lx.linearise(operator)
-        return operator, self.transitions, False
+        if not isinstance(operator, TrajectoryJacobianOperator):
+            raise ValueError(
+                "`TrajectoryJacobianSolver` solves with a `TrajectoryJacobianOperator`; "
+                f"got {type(operator).__name__}."
+            )
+        # Linearised once: the refinement's products reuse the residual's primal pass.
+        return operator if operator.exact else lx.linearise(operator)
 
-    def compute(self, state, vector: Array, options: dict[str, Any]):
+    def compute(self, state: TrajectoryJacobianOperator, vector, options: dict[str, Any]):
         del options
-        operator, A, transposed = state
-
-        def precondition(r):
-            return linear_recurrence(A, r, transpose=transposed)
-
-        x = precondition(vector)
-        if self.exact:
-            return x, lx.RESULTS.successful, {"num_steps": jnp.array(1)}
-
-        def cond(carry):
-            i, _, converged = carry
-            return (i < self.max_steps) & jnp.invert(converged)
-
-        def body(carry):
-            i, x, _ = carry
-            dx = precondition(vector - operator.mv(x))
-            x = x + dx
-            size = jnp.max(jnp.abs(dx))
-            converged = size <= self.rtol * jnp.max(jnp.abs(x))
-            converged = converged | jnp.invert(jnp.isfinite(size))
-            return i + 1, x, converged
-
-        num_steps, x, converged = lax.while_loop(
-            cond, body, (jnp.array(1), x, jnp.array(False))
-        )
-        failed = jnp.invert(converged & jnp.all(jnp.isfinite(x)))
-        x = eqx.error_if(x, failed, not_converged_message(self.max_steps))
+        operator = state
+        if operator.exact:
+            x, num_steps = operator.precondition(vector), jnp.array(0)
+        else:
+            x, _, num_steps = refine(
+                lambda x: (operator.mv(x), None), operator.precondition, vector,
+                rtol=self.rtol, max_steps=self.max_steps,
+            )
         return x, lx.RESULTS.successful, {"num_steps": num_steps}
 
-    def transpose(self, state, options: dict[str, Any]):
-        operator, A, transposed = state
-        return (operator.transpose(), A, not transposed), options
+    def transpose(self, state: TrajectoryJacobianOperator, options: dict[str, Any]):
+        return state.transpose(), options
 
-    def conj(self, state, options: dict[str, Any]):
+    def conj(self, state: TrajectoryJacobianOperator, options: dict[str, Any]):
         return state, options
 
     def assume_full_rank(self) -> bool:
