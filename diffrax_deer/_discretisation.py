@@ -62,16 +62,21 @@ class AbstractWindowScheme(AbstractTrajectoryProblem):
     solver returns once the window has converged (`outputs`: dense information and,
     where the scheme has one, its own error estimate), and copies of itself on coarser
     grids (`coarsen`) for the coarse-grid predictor.
+
+    Every scheme is defined by the same window, so the window is held here, once: the
+    term, its `args`, the window's ends `t0`, `t1`, the flat initial state `y0` and its
+    `flattener`, the number of grid points and the Jacobian structure of the Newton
+    linearisation. Subclasses add what their scheme needs (e.g. a Runge--Kutta solver).
     """
 
-    terms: eqx.AbstractVar[AbstractTerm]
-    args: eqx.AbstractVar[PyTree]
-    t0: eqx.AbstractVar[Real[Array, ""]]
-    t1: eqx.AbstractVar[Real[Array, ""]]
-    y0: eqx.AbstractVar[Float[Array, " D"]]
-    flattener: eqx.AbstractVar[TreeFlattener]
-    num_points: eqx.AbstractVar[int]
-    jacobian: eqx.AbstractVar[Literal["dense", "diagonal"]]
+    terms: AbstractTerm
+    args: PyTree
+    t0: Real[Array, ""]
+    t1: Real[Array, ""]
+    y0: Float[Array, " D"]
+    flattener: TreeFlattener
+    num_points: int = eqx.field(static=True)
+    jacobian: Literal["dense", "diagonal"] = eqx.field(static=True)
 
     @property
     def init(self) -> Float[Array, " D"]:
@@ -155,14 +160,6 @@ class ExponentialScheme(AbstractWindowScheme):
     Dense output: cubic Hermite from the grid values and slopes; error estimate:
     `defect_error`."""
 
-    terms: AbstractTerm
-    args: PyTree
-    t0: Real[Array, ""]
-    t1: Real[Array, ""]
-    y0: Float[Array, " D"]
-    flattener: TreeFlattener
-    num_points: int = eqx.field(static=True)
-    jacobian: Literal["dense", "diagonal"] = eqx.field(static=True)
     exact_jacobian: ClassVar[bool] = False
     explicit_recurrence: ClassVar[bool] = False
 

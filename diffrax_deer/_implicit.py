@@ -37,11 +37,13 @@ import functools as ft
 import equinox as eqx
 import equinox.internal as eqxi
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
 
+from ._linear_recurrence import linear_recurrence
 from ._lineax import refine, trajectory_jacobian, TrajectoryJacobianSolver
 from ._misc import (
     batched_like,
@@ -82,10 +84,17 @@ def _transpose(ys_at, ok, problem, ct, rtol, max_steps):
     """$-R^\\top L^{-\\top} \\bar y$ as a PyTree like `problem` (see module doc), and
     the number of backward passes through the residual it took."""
     ct = jnp.where(ok, ct, 0)
-    operator = trajectory_jacobian(problem, ys_at).transpose()
+    # (The transposed `TrajectoryJacobianOperator`'s preconditioner, without building
+    # the operator: its exact products are taken jointly with the parameters' below.)
+    transitions, _ = problem.linearise(ys_at)
+    A = lax.stop_gradient(transitions)
     _, vjp = eqx.filter_vjp(_residual, ys_at, problem)
-    if operator.exact:
-        lam = operator.precondition(ct)
+
+    def precondition(r):
+        return linear_recurrence(A, r, transpose=True)
+
+    if problem.exact_jacobian:
+        lam = precondition(ct)
         return jtu.tree_map(jnp.negative, vjp(lam)[1]), jnp.array(1)
 
     # Dense transitions (the ODE scheme) need one or two refinement steps: each step's
@@ -97,15 +106,13 @@ def _transpose(ys_at, ok, problem, ct, rtol, max_steps):
     # but the last would be wasted. Measured (CPU, py3.11, noisy): mlp4 neural ODE
     # T = 1e4 gradient 96-108 ms joint, 119 ms separate; GRU quasi-DEER scan (D = 8,
     # T = 1e3, batch 16, 15 steps) gradient / forward 2.1-2.2x joint, 1.7-2.2x separate.
-    joint = operator.transitions.ndim == 3
+    joint = A.ndim == 3
 
     def apply(lam):
         g_ys, g = vjp(lam)
         return g_ys, (g if joint else None)
 
-    lam, g_problem, num_steps = refine(
-        apply, operator.precondition, ct, rtol=rtol, max_steps=max_steps
-    )
+    lam, g_problem, num_steps = refine(apply, precondition, ct, rtol=rtol, max_steps=max_steps)
     if not joint:
         g_problem, num_steps = vjp(lam)[1], num_steps + 1
     return jtu.tree_map(jnp.negative, g_problem), num_steps

@@ -35,14 +35,14 @@ which has no tableau, is stepped by its own `step`.)
 
 import functools as ft
 from collections.abc import Callable
-from typing import cast, Literal
+from typing import cast
 
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from diffrax import AbstractLocalInterpolation, AbstractTerm
-from jaxtyping import Array, Float, PyTree, Real
+from diffrax import AbstractLocalInterpolation
+from jaxtyping import Array, Float, Real
 
 from ._discretisation import (
     AbstractDiscretisation,
@@ -50,7 +50,6 @@ from ._discretisation import (
     ExponentialTrapezoid,
 )
 from ._interpolation import RungeKuttaGridInterpolation
-from ._misc import TreeFlattener
 from ._recurrence import AbstractExplicitRecurrence
 
 
@@ -121,14 +120,6 @@ class RungeKuttaScheme(AbstractWindowScheme, AbstractExplicitRecurrence):
     same fixed point).
     """
 
-    terms: AbstractTerm
-    args: PyTree
-    t0: Real[Array, ""]
-    t1: Real[Array, ""]
-    y0: Float[Array, " D"]
-    flattener: TreeFlattener
-    num_points: int = eqx.field(static=True)
-    jacobian: Literal["dense", "diagonal"] = eqx.field(static=True)
     solver: diffrax.AbstractSolver = eqx.field(static=True)
 
     @property
