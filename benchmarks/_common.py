@@ -144,25 +144,24 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _ram_bytes() -> int | None:
+def _meminfo_bytes(field: str) -> int | None:
+    """A field of /proc/meminfo (e.g. `MemTotal`), in bytes; None where unreadable."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _ram_bytes() -> int | None:
+    return _meminfo_bytes("MemTotal")
 
 
 def available_ram_bytes() -> int | None:
     """`MemAvailable` from /proc/meminfo (memory a new allocation can get)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _meminfo_bytes("MemAvailable")
 
 
 def _version(dist: str) -> str:
@@ -274,6 +273,16 @@ def _format(value, fmt) -> str:
     if callable(fmt):
         return fmt(value)
     return fmt.format(value)
+
+
+# Columns several benchmarks share.
+PROBLEM = Column("problem", "problem")
+METHOD = Column("method", "method")
+TIME = Column("time_s", "time", fmt_time)
+COMPILE = Column("compile_s", "compile", fmt_time)
+NEWTON_ITERS = Column("iters", "Newton it.")
+COARSE_ITERS = Column("coarse_iters", "coarse it.")
+MAX_ERR = Column("err", "max err", fmt_sci)
 
 
 def markdown_table(section: Section) -> str:

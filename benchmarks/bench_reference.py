@@ -246,13 +246,13 @@ def bench_problem(problem: Problem, grids, deer, opts) -> tuple[list[dict], list
 
 
 MAIN_COLUMNS = [
-    common.Column("problem", "problem"),
+    common.PROBLEM,
     common.Column("T", "T", "{:.0e}"),
     common.Column("ours_s", "ours", common.fmt_time),
     common.Column("ref_s", "reference", common.fmt_time),
     common.Column("ours_over_ref", "ours/ref", common.fmt_ratio),
     common.Column("iters", "our it."),
-    common.Column("coarse_iters", "coarse it."),
+    common.COARSE_ITERS,
     common.Column("ours_const_s", "ours, const. guess", common.fmt_time),
     common.Column("ours_const_over_ref", "const./ref", common.fmt_ratio),
     common.Column("ours_const_iters", "const. it."),
@@ -267,7 +267,7 @@ MAIN_COLUMNS = [
 ]
 
 PART_COLUMNS = [
-    common.Column("problem", "problem"),
+    common.PROBLEM,
     common.Column("T", "T", "{:.0e}"),
     common.Column("iters", "it."),
     common.Column("per_iter_in_solve_s", "solve / it.", common.fmt_time),
@@ -430,14 +430,14 @@ def run_max_grid(opts):
             else f"reached --max-grid-limit {opts.max_grid_limit:.0e}"))
 
     cols = [common.Column("jacobian", "jacobian"), common.Column("T", "largest T", "{:.3g}"),
-            common.Column("time_s", "time", common.fmt_time), common.Column("iters", "it."),
+            common.TIME, common.Column("iters", "it."),
             common.Column("mem_bytes", "XLA mem est.", common.fmt_bytes),
             common.Column("peak_rss_bytes", "peak RSS", common.fmt_bytes),
             common.Column("stopped_by", "next attempt")]
     att_cols = [common.Column("jacobian", "jacobian"), common.Column("T", "T", "{:.3g}"),
-                common.Column("status", "status"), common.Column("time_s", "time", common.fmt_time),
-                common.Column("iters", "it."), common.Column("coarse_iters", "coarse it."),
-                common.Column("compile_s", "compile", common.fmt_time),
+                common.Column("status", "status"), common.TIME,
+                common.Column("iters", "it."), common.COARSE_ITERS,
+                common.COMPILE,
                 common.Column("mem_bytes", "XLA mem est.", common.fmt_bytes),
                 common.Column("peak_rss_bytes", "peak RSS", common.fmt_bytes),
                 common.Column("wall_s", "attempt wall", common.fmt_time)]

@@ -134,15 +134,15 @@ def gru_case(method, max_iters):
 
 
 COLUMNS = [
-    common.Column("problem", "problem"),
+    common.PROBLEM,
     common.Column("config", "configuration"),
-    common.Column("method", "method"),
+    common.METHOD,
     common.Column("result", "result"),
-    common.Column("iters", "Newton it."),
+    common.NEWTON_ITERS,
     common.Column("windows", "windows / steps"),
-    common.Column("err", "max err", common.fmt_sci),
-    common.Column("time_s", "time", common.fmt_time),
-    common.Column("compile_s", "compile", common.fmt_time),
+    common.MAX_ERR,
+    common.TIME,
+    common.COMPILE,
 ]
 
 

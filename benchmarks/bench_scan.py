@@ -190,7 +190,7 @@ COLUMNS = [
     common.Column("hidden", "hidden D"),
     common.Column("T", "T", lambda t: f"{t:.0e}"),
     common.Column("batch", "batch"),
-    common.Column("method", "method"),
+    common.METHOD,
     common.Column("iters_max", "Newton it. (max)"),
     common.Column("iters_mean", "it. (mean)", "{:.1f}"),
     common.Column("time_s", "scan", common.fmt_time),
@@ -198,8 +198,8 @@ COLUMNS = [
     common.Column("speedup", "lax/scan", common.fmt_ratio),
     common.Column("mem", "scan mem", common.fmt_bytes),
     common.Column("lax_mem", "lax mem", common.fmt_bytes),
-    common.Column("err", "max err", common.fmt_sci),
-    common.Column("compile_s", "compile", common.fmt_time),
+    common.MAX_ERR,
+    common.COMPILE,
     common.Column("note", "note"),
 ]
 

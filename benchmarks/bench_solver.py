@@ -205,12 +205,12 @@ def bench_problem(problem: Problem, grids, opts) -> list[dict]:
 
 
 COLUMNS = [
-    common.Column("problem", "problem"),
+    common.PROBLEM,
     common.Column("D", "D"),
     common.Column("T", "T", "{:.0e}"),
     common.Column("deer_s", "DEER", common.fmt_time),
-    common.Column("iters", "Newton it."),
-    common.Column("coarse_iters", "coarse it."),
+    common.NEWTON_ITERS,
+    common.COARSE_ITERS,
     common.Column("success", "ok"),
     common.Column("deer_err", "DEER err", common.fmt_sci),
     common.Column("deer_compile_s", "DEER compile", common.fmt_time),

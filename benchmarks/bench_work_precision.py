@@ -226,18 +226,18 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 COLUMNS = [
-    common.Column("problem", "problem"),
-    common.Column("method", "method"),
+    common.PROBLEM,
+    common.METHOD,
     common.Column("knob", "knob"),
     common.Column("value", "value", lambda v: f"{v:.0e}" if v < 1 else f"{v:g}"),
     common.Column("err", "error at t1", common.fmt_sci),
-    common.Column("time_s", "time", common.fmt_time),
+    common.TIME,
     common.Column("steps", "steps"),
     common.Column("windows", "windows"),
-    common.Column("iters", "Newton it."),
-    common.Column("coarse_iters", "coarse it."),
+    common.NEWTON_ITERS,
+    common.COARSE_ITERS,
     common.Column("ok", "ok"),
-    common.Column("compile_s", "compile", common.fmt_time),
+    common.COMPILE,
 ]
 
 
@@ -260,8 +260,8 @@ def _summary(rows: list[dict]) -> list[dict]:
 
 
 SUMMARY_COLUMNS = [
-    common.Column("problem", "problem"),
-    common.Column("method", "method"),
+    common.PROBLEM,
+    common.METHOD,
     common.Column("t4", "time to err <= 1e-4", common.fmt_time),
     common.Column("t6", "<= 1e-6", common.fmt_time),
     common.Column("t8", "<= 1e-8", common.fmt_time),

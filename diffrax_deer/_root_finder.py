@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
@@ -215,13 +216,22 @@ _MAX_DAMPING = 1e12
 _STALL_FACTOR = 1e6
 
 
-class _ELKState(eqx.Module):
-    step: Int[Array, ""]
+class _LinearModel(eqx.Module):
+    """ELK's linear model at its current iterate: the linearisation (transitions and
+    offsets), the undamped Newton step from the iterate, and the residual sum of
+    squares there."""
+
     transitions: Array
     offsets: Float[Array, "T D"]
-    newton: Float[Array, "T D"]  # the undamped Newton step from the current iterate
+    newton: Float[Array, "T D"]
     residual_sq: Float[Array, ""]
+
+
+class _ELKState(eqx.Module):
+    step: Int[Array, ""]
     damping: Float[Array, ""]
+    model: _LinearModel
+    # As `_NewtonState`:
     update_norm: Float[Array, ""]
     converged: Bool[Array, ""]
     finite: Bool[Array, ""]
@@ -229,12 +239,11 @@ class _ELKState(eqx.Module):
     num_rejected: Int[Array, ""]
 
 
-def _linearise(problem, ys):
-    """Transitions and offsets at `ys`, the Newton step from it, and the residual sum
-    of squares there."""
+def _linearise(problem, ys) -> _LinearModel:
+    """The linear model of `problem` at `ys`."""
     A, b = problem.linearise(ys)
     r = model_residual(A, b, problem.init, ys)
-    return A, b, linear_recurrence(A, b, problem.init), jnp.sum(r**2)
+    return _LinearModel(A, b, linear_recurrence(A, b, problem.init), jnp.sum(r**2))
 
 
 class ELK(AbstractTrajectoryRootFinder):
@@ -286,43 +295,43 @@ class ELK(AbstractTrajectoryRootFinder):
         _check_problem(args, aux_struct)
         zero = jnp.array(0, jnp.int32)
         return _ELKState(
-            zero, *_linearise(args, y), jnp.asarray(self.damping, y.dtype),
+            zero, jnp.asarray(self.damping, y.dtype), _linearise(args, y),
             jnp.array(jnp.inf, y.dtype), jnp.array(False), jnp.array(True), zero, zero,
         )
 
     def step(self, fn, y, args, options, state, tags):
         del fn, options, tags
-        init, lam = args.init, state.damping
+        init, lam, model = args.init, state.damping, state.model
         rtol, atol = self._tolerances(y.dtype)
         weight = 1 / (atol + rtol * jnp.abs(y))
-        newton_scaled = _scaled_norm(state.newton - y, state.newton, self)
-        converged = jnp.all(jnp.isfinite(state.newton)) & (newton_scaled <= 1)
+        newton_scaled = _scaled_norm(model.newton - y, model.newton, self)
+        converged = jnp.all(jnp.isfinite(model.newton)) & (newton_scaled <= 1)
         stall = jnp.minimum(jnp.asarray(self.damping, y.dtype) * _STALL_FACTOR, _MAX_DAMPING)
         stalled = lam >= stall
-        damped = damped_recurrence(state.transitions, state.offsets, init, y, lam)
-        step, _ = _reset_non_finite(state.newton, y, init)
+        damped = damped_recurrence(model.transitions, model.offsets, init, y, lam)
+        step, _ = _reset_non_finite(model.newton, y, init)
         step = jnp.where(stalled, step, damped)
-        r_model = model_residual(state.transitions, state.offsets, init, step)
-        predicted = state.residual_sq - jnp.sum(r_model**2)
-        A1, b1, newton1, rsq1 = _linearise(args, step)
+        r_model = model_residual(model.transitions, model.offsets, init, step)
+        predicted = model.residual_sq - jnp.sum(r_model**2)
+        new = _linearise(args, step)
         level = lambda newton, ys: jnp.sum((weight * (newton - ys)) ** 2)
-        natural = level(newton1, step) < (1 - 1e-4) * level(state.newton, y)
-        ok = jnp.isfinite(rsq1) & jnp.all(jnp.isfinite(newton1))
-        ratio = jnp.where(ok & (predicted > 0), (state.residual_sq - rsq1) / predicted, -jnp.inf)
+        natural = level(new.newton, step) < (1 - 1e-4) * level(model.newton, y)
+        ok = jnp.isfinite(new.residual_sq) & jnp.all(jnp.isfinite(new.newton))
+        reduction = model.residual_sq - new.residual_sq
+        ratio = jnp.where(ok & (predicted > 0), reduction / predicted, -jnp.inf)
         accept = ok & ((ratio > 1e-4) | natural | stalled) & jnp.invert(converged)
         grow = (ratio > 0.75) | (natural & (ratio <= 1e-4))
         lam = jnp.where(accept & grow, lam / 3, jnp.where(ratio < 0.25, 4 * lam, lam))
         lam = jnp.where(stalled, jnp.asarray(self.damping, y.dtype), lam)
         keep = lambda new, old: jnp.where(accept, new, old)
+        model = jtu.tree_map(keep, new, model)
         new_state = _ELKState(
-            state.step + 1, keep(A1, state.transitions), keep(b1, state.offsets),
-            keep(newton1, state.newton), keep(rsq1, state.residual_sq),
-            jnp.clip(lam, _MIN_DAMPING, _MAX_DAMPING),
+            state.step + 1, jnp.clip(lam, _MIN_DAMPING, _MAX_DAMPING), model,
             jnp.where(converged, newton_scaled, jnp.inf), converged,
-            jnp.isfinite(keep(rsq1, state.residual_sq)), jnp.array(0, jnp.int32),
+            jnp.isfinite(model.residual_sq), jnp.array(0, jnp.int32),
             state.num_rejected + jnp.invert(accept | converged).astype(jnp.int32),
         )
-        return jnp.where(converged, state.newton, keep(step, y)), new_state, None
+        return jnp.where(converged, state.model.newton, keep(step, y)), new_state, None
 
 
 def _stats(sol: optx.Solution, dtype) -> NewtonStats:

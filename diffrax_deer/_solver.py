@@ -38,7 +38,7 @@ class DEERState(eqx.Module):
     - `last_update_norm`: the last window's final Newton update, in units of the
       tolerance (`<= 1` means converged).
     - `total_coarse_iters`: Newton iterations spent on the coarse grids of the
-      `initial_guess="coarse"` predictor (each costs a fraction of a full iteration:
+      `CoarseGridGuess` predictor (each costs a fraction of a full iteration:
       1/8 on the first coarse level, 1/64 on the next, ...).
     - `lyapunov_exponent`: with `DEER(lyapunov=True)`, the estimate of the largest
       Lyapunov exponent (per unit time), averaged over the windows so far weighted by
@@ -165,6 +165,14 @@ class DEER(diffrax.AbstractAdaptiveSolver):
             term, diffrax_deer.DEER(num_points=65, discretisation=diffrax.Tsit5()),
             t0=0.0, t1=10.0, dt0=None, y0=jnp.array([1.0, 2.0]), args=0.5,
             stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8),
+        )
+
+        # Options are objects: quasi-DEER with tighter tolerances, from a constant guess.
+        solver = diffrax_deer.DEER(
+            root_finder=diffrax_deer.ParallelNewton(
+                rtol=1e-10, atol=1e-10, jacobian="diagonal"
+            ),
+            initial_guess=diffrax_deer.ConstantGuess(),
         )
         ```
     """
