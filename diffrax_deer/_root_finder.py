@@ -106,14 +106,14 @@ class AbstractTrajectoryRootFinder(optx.AbstractRootFinder):
     def with_default_tolerances(self, dtype) -> "AbstractTrajectoryRootFinder":
         """A copy whose unset `rtol` / `atol` are the default for `dtype` (1e-8 in
         float64, about 2e-5 in float32)."""
-        default = default_tolerance(dtype)
-        rtol = default if self.rtol is None else self.rtol
-        atol = default if self.atol is None else self.atol
+        rtol, atol = self._tolerances(dtype)
         return dataclasses.replace(self, rtol=rtol, atol=atol)
 
     def _tolerances(self, dtype) -> tuple[float, float]:
-        finder = self.with_default_tolerances(dtype)
-        return finder.rtol, finder.atol  # pyright: ignore[reportReturnType]
+        default = default_tolerance(dtype)
+        rtol = default if self.rtol is None else self.rtol
+        atol = default if self.atol is None else self.atol
+        return rtol, atol
 
     def terminate(self, fn, y, args, options, state, tags):
         del fn, options, tags
