@@ -88,6 +88,10 @@ def van_der_pol():
     return "vdp", vf, jnp.array([2.0, 0.0]), jnp.array(1.0)
 
 
+MODELS = {"mlp4": lambda: neural_ode(4), "mlp16": lambda: neural_ode(16),
+          "hnn8": hamiltonian_nn, "vdp": van_der_pol}
+
+
 def _solve(vf, y0, params, solver, dt0, **kwargs):
     return diffrax.diffeqsolve(
         diffrax.ODETerm(vf), solver, 0.0, T1, dt0, y0, args=params,
@@ -206,11 +210,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     opts = parser.parse_args()
     grids = opts.grids or ([1_000, 10_000] if opts.quick else [1_000, 10_000, 100_000])
-    models = {"mlp4": lambda: neural_ode(4), "mlp16": lambda: neural_ode(16),
-              "hnn8": hamiltonian_nn, "vdp": van_der_pol}
     rows = []
     for key in opts.models:
-        name, vf, y0, params = models[key]()
+        name, vf, y0, params = MODELS[key]()
         ref = _reference(vf, y0, params)
         for T in grids:
             common.log(f"{name}, T = {T}")

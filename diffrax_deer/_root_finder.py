@@ -44,10 +44,13 @@ from ._newton import AbstractTrajectoryProblem, model_residual, NewtonStats
 Jacobian = Literal["dense", "diagonal"]
 
 
-# Consecutive iterations with non-finite states after which an implicit scheme's Newton
-# iteration is declared divergent (explicit recurrences keep going: see
-# `AbstractTrajectoryProblem.explicit_recurrence`).
+# Failed steps (window shortenings, non-finite states) without progress after which an
+# implicit scheme's Newton iteration is declared divergent (explicit recurrences keep
+# going: see `AbstractTrajectoryProblem.explicit_recurrence`).
 _DIVERGENCE_STREAK = 4
+# How far beyond the scale of the converged states a window's state may go before the
+# window is shortened (see `ParallelNewton`).
+_GROWTH = 1e3
 
 
 def _scaled_norm(diff, ys, finder):
@@ -153,7 +156,45 @@ class _NewtonState(eqx.Module):
     converged: Bool[Array, ""]
     finite: Bool[Array, ""]
     streak: Int[Array, ""]
-    num_rejected: Int[Array, ""]  # always 0: every Newton step is taken
+    num_rejected: Int[Array, ""]  # steps whose window had to be shortened
+    start: Int[Array, ""]  # the first state whose last update was not small
+    window: Int[Array, ""]  # states from `start` that the next step updates
+    min_window: Int[Array, ""]  # the shortest window so far
+
+
+def _windowed_update(
+    full: Float[Array, "T D"], y: Float[Array, "T D"], init: Float[Array, " D"],
+    state: _NewtonState,
+) -> tuple[Float[Array, "T D"], Bool[Array, ""], Int[Array, ""], Int[Array, ""]]:
+    """The next iterate of an implicit scheme from the Newton solution `full` of its
+    linearisation at `y`, updated only on the states before the window's end: the new
+    iterate, whether the window was kept (all its states trusted), its end, and the
+    next window's length.
+
+    A state of the window is trusted if it is finite and within `_GROWTH` times the
+    scale of the states before the window (and of the initial state); the window's
+    first state only needs to be finite (its predecessor's update was small). An
+    untrusted state shortens the window to half the stretch before it; a kept window
+    doubles. The states after the window hold its last state (a constant guess from
+    there)."""
+    T = y.shape[0]
+    index = jnp.arange(T, dtype=jnp.int32)
+    end = jnp.minimum(state.start + state.window, T)
+    size = jnp.max(jnp.abs(full), axis=-1)
+    before = jnp.where(index < state.start, jnp.max(jnp.abs(y), axis=-1), 0)
+    scale = jnp.maximum(jnp.max(jnp.abs(init)), jnp.max(before))
+    trusted = jnp.isfinite(size) & ((size <= _GROWTH * (1 + scale)) | (index == state.start))
+    in_window = (index >= state.start) & (index < end)
+    first_bad = jnp.min(jnp.where(in_window & jnp.invert(trusted), index, T))
+    kept = first_bad >= T
+    window = jnp.where(
+        kept, jnp.minimum(2 * state.window, T), jnp.maximum((first_bad - state.start) // 2, 1)
+    )
+    end = jnp.where(kept, end, jnp.minimum(state.start + window, T))
+    updated = (index < end)[:, None]
+    new = jnp.where(updated & jnp.isfinite(full), full, y)
+    new = jnp.where(updated, new, new[jnp.maximum(end - 1, 0)])
+    return new, kept, end, window
 
 
 class ParallelNewton(AbstractTrajectoryRootFinder):
@@ -173,9 +214,26 @@ class ParallelNewton(AbstractTrajectoryRootFinder):
       [`diffrax_deer.scan`][] to build the problem; a problem passed to
       `optimistix.root_find` directly linearises as it was built.
 
-    Non-finite states of an iterate are reset to the previous iterate; an implicit
-    scheme whose iterates stay non-finite for 4 steps is reported as
-    `nonlinear_divergence`.
+    **Sliding window (implicit schemes, i.e. the ODE discretisations).** Far from the
+    solution, one linearisation of a whole window of oscillating, stiff or chaotic
+    dynamics can overshoot without bound. Each step therefore updates the states up to
+    the end of a *window* $[s, s + W)$, where $s$ is the first state whose last update
+    was not small: states before $s$ have converged, and since the residual is causal
+    (block lower-bidiagonal), a window's Newton step does not depend on what follows
+    it. $W$ starts at the whole trajectory. If the step leaves a state of the window
+    non-finite or beyond $10^3$ times the scale of the converged states, $W$ becomes
+    half the stretch before it, and that part of the step is kept; a kept window
+    doubles. States after the window hold its last state. On contractive problems the
+    window never shortens, and the iteration is plain DEER; otherwise it slides along
+    the trajectory and grows back once past the hard stretch. Converged once the
+    window covers the trajectory and the update is within tolerance: the answer is the
+    root of the whole residual, as without windows (and so is its derivative). Where
+    the window cannot get past a state (no root nearby: a finite-time blow-up) after
+    being shortened 4 times, the iteration stops as `nonlinear_divergence`.
+
+    Explicit recurrences (`diffrax_deer.scan`) take whole-trajectory steps, with
+    non-finite states reset to the previous iterate: after $i$ steps the first $i$
+    states are exact (Gonzalez et al., 2024), so $T$ steps always suffice.
 
     !!! example
 
@@ -197,16 +255,38 @@ class ParallelNewton(AbstractTrajectoryRootFinder):
         _check_problem(args, aux_struct)
         zero = jnp.array(0, jnp.int32)
         inf = jnp.array(jnp.inf, y.dtype)
-        return _NewtonState(zero, inf, jnp.array(False), jnp.array(True), zero, zero)
+        T = jnp.array(y.shape[0], jnp.int32)
+        return _NewtonState(zero, inf, jnp.array(False), jnp.array(True), zero, zero, zero, T, T)
 
     def step(self, fn, y, args, options, state, tags):
         del fn, options, tags
+        T = y.shape[0]
         A, b = args.linearise(y)
-        new, finite = _reset_non_finite(linear_recurrence(A, b, args.init), y, args.init)
-        scaled = _scaled_norm(new - y, new, self)
-        streak = jnp.where(finite, 0, state.streak + 1)
+        full = linear_recurrence(A, b, args.init)
+        if args.explicit_recurrence:
+            new, finite = _reset_non_finite(full, y, args.init)
+            kept, end, window = jnp.array(True), jnp.array(T, jnp.int32), state.window
+        else:
+            new, kept, end, window = _windowed_update(full, y, args.init, state)
+            finite = jnp.all(jnp.isfinite(full) | (jnp.arange(T) >= end)[:, None])
+        rtol, atol = self._tolerances(y.dtype)
+        scaled_update = (new - y) / (atol + rtol * jnp.abs(new))
+        big = jnp.max(jnp.abs(scaled_update), axis=-1) > 1
+        start = jnp.minimum(jnp.min(jnp.where(big, jnp.arange(T, dtype=jnp.int32), T)), end)
+        covered = end >= T
+        scaled = jnp.where(covered, self.norm(scaled_update), jnp.inf)
+        if args.explicit_recurrence:
+            streak = jnp.where(finite, 0, state.streak + 1)
+        else:
+            # Window shortenings (or a non-finite first state) since the converged
+            # states last advanced.
+            first = full[jnp.minimum(state.start, T - 1)]
+            failed = jnp.invert(kept) | jnp.invert(jnp.all(jnp.isfinite(first)))
+            streak = jnp.where(start > state.start, 0, state.streak + failed.astype(jnp.int32))
         new_state = _NewtonState(
-            state.step + 1, scaled, finite & (scaled <= 1), finite, streak, state.num_rejected
+            state.step + 1, scaled, kept & covered & (scaled <= 1), finite, streak,
+            state.num_rejected + jnp.invert(kept).astype(jnp.int32), start, window,
+            jnp.minimum(state.min_window, window),
         )
         return new, new_state, None
 
