@@ -2,7 +2,9 @@
 ELK and quasi-ELK next to sequential evaluation.
 
 ODEs (logistic growth on [0, 20], Lotka-Volterra on [0, 10], Van der Pol mu=1 on
-[0, 20]) through `diffrax.diffeqsolve`, each method in two configurations:
+[0, 20], a Brusselator on [0, 20], Robertson's stiff kinetics on [0, 40], Lorenz on
+[0, 8], a two-body orbit on [0, 10]) through `diffrax.diffeqsolve`, each method in two
+configurations:
 
 - `one window`: `DEER(method=...)` defaults, `dt0 = t1 - t0` (1001 points);
 - `PID windows`: the recommended robust configuration, `DEER(num_points=257,
@@ -13,11 +15,13 @@ autoregressive sine-wave GRU (T = 10 000) through `diffrax_deer.scan` with each 
 (`max_iters` 100 and 400) next to `jax.lax.scan`.
 
 Per case: the result (`successful` or why not), Newton iterations (summed over
-windows; windows), max-abs error against a tight sequential reference, steady-state
+windows; windows), the sliding window's shortenings and shortest length (see
+`diffrax_deer.ParallelNewton`), max-abs error against a tight sequential reference, steady-state
 wall time and compile time. Failures are timed too: how quickly a user learns that a
 configuration does not work is part of the trade-off.
 
-    .venv/bin/python -m benchmarks.bench_robust     # ~5 minutes on a 2-core CPU
+    .venv/bin/python -m benchmarks.bench_robust                  # all methods, ~15 min
+    .venv/bin/python -m benchmarks.bench_robust --methods deer   # DEER only, ~5 min
 
 Results: `benchmarks/results/robust_<platform>_py<X.Y>.{json,md}`.
 """
@@ -35,7 +39,7 @@ import jax.numpy as jnp
 import optimistix as optx
 
 import diffrax_deer
-from tests.helpers import HARD_PROBLEMS, reference_solution, sine_wave_gru
+from tests.helpers import ONE_WINDOW_PROBLEMS, reference_solution, sine_wave_gru
 
 
 METHODS = ("deer", "quasi-deer", "elk", "quasi-elk")
@@ -56,7 +60,7 @@ def _result_name(result, results) -> str:
 
 
 def ode_case(name, config, method):
-    vf, y0, args, t1 = HARD_PROBLEMS[name]
+    vf, y0, args, t1, stiff = ONE_WINDOW_PROBLEMS[name]
     controller = None
     if config == "one window":
         solver = diffrax_deer.DEER(method=method) if method else diffrax.Tsit5()
@@ -78,12 +82,14 @@ def ode_case(name, config, method):
         state = sol.solver_state if is_deer else None
         iters = state.total_iters if is_deer else sol.stats["num_steps"]
         windows = state.num_windows if is_deer else sol.stats["num_steps"]
-        return sol.ys, sol.result, iters, windows
+        sliding = (state.total_rejected, state.min_sliding_window) if is_deer else None
+        return sol.ys, sol.result, iters, windows, sliding
 
     compiled = common.compile_jitted(solve, y0)
     timing = common.time_call(compiled.fn, y0, repeats=REPEATS, max_total_s=MAX_TOTAL_S)
-    ys, result, iters, windows = timing.output
-    ref = reference_solution(vf, y0, args, 0.0, t1, jnp.linspace(0, t1, 101))
+    ys, result, iters, windows, sliding = timing.output
+    ref = reference_solution(vf, y0, args, 0.0, t1, jnp.linspace(0, t1, 101),
+                             solver=diffrax.Kvaerno5() if stiff else diffrax.Tsit5())
     status = _result_name(result, diffrax.RESULTS)
     return dict(
         problem=name,
@@ -92,6 +98,8 @@ def ode_case(name, config, method):
         result=status,
         iters=int(iters) if is_deer else None,
         windows=int(windows),
+        rejected=int(sliding[0]) if is_deer else None,
+        min_window=int(sliding[1]) if is_deer else None,
         err=float(jnp.max(jnp.abs(ys - ref))) if status == "successful" else None,
         time_s=timing.min_s,
         compile_s=compiled.compile_s,
@@ -140,6 +148,8 @@ COLUMNS = [
     common.Column("result", "result"),
     common.NEWTON_ITERS,
     common.Column("windows", "windows / steps"),
+    common.Column("rejected", "shortened"),
+    common.Column("min_window", "min window"),
     common.MAX_ERR,
     common.TIME,
     common.COMPILE,
@@ -147,18 +157,20 @@ COLUMNS = [
 
 
 def main():
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    opts = parser.parse_args()
     common.log(common.describe_machine())
     ode_rows = []
-    for name in HARD_PROBLEMS:
+    for name in ONE_WINDOW_PROBLEMS:
         for config in ("one window", "PID windows"):
-            for method in (*METHODS, None):
+            for method in (*opts.methods, None):
                 common.log(f"{name} / {config} / {method or 'Tsit5'}")
                 ode_rows.append(ode_case(name, config, method))
                 common.log(f"  {ode_rows[-1]}")
     gru_rows = [gru_case(None, None)]
     for max_iters in (100, 400):
-        for method in METHODS:
+        for method in opts.methods:
             common.log(f"GRU / {method} / max_iters={max_iters}")
             gru_rows.append(gru_case(method, max_iters))
             common.log(f"  {gru_rows[-1]}")
@@ -175,7 +187,9 @@ def main():
                 "controller; its 'windows / steps' column is the number of steps. "
                 "Newton it.: summed over windows (fine grids; the coarse predictor's "
                 "iterations are extra and cheap). max err: at 101 times against Tsit5 "
-                "with rtol = atol = 1e-12, only for successful solves. Times include "
+                "with rtol = atol = 1e-12 (Kvaerno5 for Robertson's), only for successful solves. "
+                "shortened / min window: the sliding window's shortenings (summed over "
+                "windows) and its shortest length in grid intervals, fine grids only. Times include "
                 "the failures: a non-successful result is returned with `throw=False`."
             ),
         ),
@@ -190,8 +204,9 @@ def main():
             ),
         ),
     ]
+    methods = "" if set(opts.methods) == set(METHODS) else "_" + "_".join(opts.methods)
     common.write_results(
-        "robust",
+        f"robust{methods}",
         sections,
         title="Robustness: hard cases, all methods, next to sequential evaluation",
     )

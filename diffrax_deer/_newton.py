@@ -75,7 +75,12 @@ class NewtonStats(eqx.Module):
     - `update_norm`: size of the last update in units of the tolerance
       (`<= 1` means converged; it estimates the error of the previous iterate).
     - `result`: an `optimistix.RESULTS`.
-    - `num_rejected`: trust-region steps rejected (ELK only; 0 for DEER).
+    - `num_rejected`: steps rejected: ELK's trust-region rejections; for DEER on an
+      ODE scheme, the steps whose sliding window had to be shortened (see
+      [`diffrax_deer.ParallelNewton`][]; 0 on contractive problems).
+    - `min_window`: the shortest sliding window used, in grid intervals (the whole
+      trajectory, T, when it was never shortened, and for ELK and explicit
+      recurrences).
     - `lyapunov_exponent`: the largest Lyapunov exponent of the converged trajectory
       (see [`diffrax_deer.lyapunov_exponent`][]), per step for `scan` and per unit time
       for `DEER`; NaN unless asked for (`lyapunov=True`).
@@ -86,6 +91,7 @@ class NewtonStats(eqx.Module):
     result: optx.RESULTS
     num_rejected: Int[Array, ""]
     lyapunov_exponent: Float[Array, ""]
+    min_window: Int[Array, ""]
 
 
 def previous_states(init: Float[Array, " D"], ys: Float[Array, "T D"]) -> Float[Array, "T D"]:

@@ -426,9 +426,10 @@ def _stats(sol: optx.Solution, dtype) -> NewtonStats:
     successful = result == optx.RESULTS.successful
     scaled = state.update_norm
     scaled = jnp.where(successful, scaled, jnp.maximum(scaled, 1 + jnp.finfo(dtype).eps))
+    length = jnp.array(sol.value.shape[0], jnp.int32)
     return NewtonStats(
         jnp.asarray(sol.stats["num_steps"], jnp.int32), scaled, result, state.num_rejected,
-        jnp.array(jnp.nan, dtype),
+        jnp.array(jnp.nan, dtype), getattr(state, "min_window", length),
     )
 
 

@@ -121,6 +121,7 @@ def _trivial_stats(dtype) -> NewtonStats:
         result=optx.RESULTS.successful,
         num_rejected=zero,
         lyapunov_exponent=jnp.array(jnp.nan, dtype),
+        min_window=zero,
     )
 
 

@@ -47,6 +47,12 @@ class DEERState(eqx.Module):
     - `lyapunov_time`: the integration time that estimate covers. See
       [`diffrax_deer.lyapunov_exponent`][]: below zero, long windows converge in a few
       iterations; above zero, keep windows shorter than a few $1/\lambda$.
+    - `total_rejected`: Newton steps whose sliding window was shortened (see
+      [`diffrax_deer.ParallelNewton`][]; ELK: trust-region steps rejected), summed
+      over the windows; 0 on contractive problems.
+    - `min_sliding_window`: the shortest sliding window any window's Newton iteration
+      used, in grid intervals (`num_points - 1` when none was shortened): how far one
+      linearisation could be trusted on the hardest stretch.
 
     Iteration counts refer to the full grid of each window.
     """
@@ -59,6 +65,8 @@ class DEERState(eqx.Module):
     total_coarse_iters: Int[Array, ""]
     lyapunov_exponent: Float[Array, ""]
     lyapunov_time: Float[Array, ""]
+    total_rejected: Int[Array, ""]
+    min_sliding_window: Int[Array, ""]
 
 
 def _ode_term(terms) -> AbstractTerm:
@@ -249,7 +257,8 @@ class DEER(diffrax.AbstractAdaptiveSolver):
         dtype = flattener.dtype
         nan = jnp.array(jnp.nan, dtype)
         return DEERState(
-            zero, zero, zero, zero, jnp.array(0.0, dtype), zero, nan, jnp.zeros((), dtype)
+            zero, zero, zero, zero, jnp.array(0.0, dtype), zero, nan, jnp.zeros((), dtype),
+            zero, jnp.array(self.num_points - 1, jnp.int32),
         )
 
     def step(self, terms, t0, t1, y0, args, solver_state: DEERState, made_jump):
@@ -306,6 +315,8 @@ class DEER(diffrax.AbstractAdaptiveSolver):
             total_coarse_iters=state.total_coarse_iters + coarse_iters,
             lyapunov_exponent=lyapunov,
             lyapunov_time=lyapunov_time,
+            total_rejected=state.total_rejected + stats.num_rejected,
+            min_sliding_window=jnp.minimum(state.min_sliding_window, stats.min_window),
         )
 
     def func(self, terms, t0, y0, args):

@@ -57,11 +57,51 @@ HARD_PROBLEMS = {
 }
 
 
-def reference_solution(vector_field, y0, args, t0, t1, ts, rtol=1e-12, atol=1e-12):
-    """High-accuracy sequential diffrax solution at `ts`."""
+def brusselator(t, y, args):
+    a, b = args
+    x, v = y[0], y[1]
+    return jnp.stack([a + x**2 * v - (b + 1) * x, b * x - x**2 * v])
+
+
+def robertson(t, y, args):
+    # Robertson's stiff chemical kinetics (rates spanning 0.04 to 3e7).
+    y1, y2, y3 = y[0], y[1], y[2]
+    return jnp.stack([
+        -0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2**2, 3e7 * y2**2
+    ])
+
+
+def lorenz(t, y, args):
+    return jnp.stack([
+        10.0 * (y[1] - y[0]), y[0] * (28.0 - y[2]) - y[1], y[0] * y[1] - 8.0 / 3.0 * y[2]
+    ])
+
+
+def two_body(t, y, args):
+    q, p = y[:2], y[2:]
+    return jnp.concatenate([p, -q / jnp.sum(q**2) ** 1.5])
+
+
+# Oscillating, stiff and chaotic problems that `DEER()` solves in one window with its
+# defaults (the sliding window of `ParallelNewton`), with whether they are stiff.
+ONE_WINDOW_PROBLEMS = {
+    # name: (vector field, y0, args, t1, stiff)
+    **{name: (*HARD_PROBLEMS[name], False) for name in HARD_PROBLEMS},
+    "brusselator": (brusselator, jnp.array([1.5, 3.0]), (1.0, 3.0), 20.0, False),
+    "robertson": (robertson, jnp.array([1.0, 0.0, 0.0]), None, 40.0, True),
+    "lorenz": (lorenz, jnp.array([1.0, 1.0, 1.0]), None, 8.0, False),
+    "two_body": (two_body, jnp.array([1.0, 0.0, 0.0, 1.2]), None, 10.0, False),
+}
+
+
+def reference_solution(
+    vector_field, y0, args, t0, t1, ts, rtol=1e-12, atol=1e-12, solver=diffrax.Tsit5()
+):
+    """High-accuracy sequential diffrax solution at `ts` (`solver=diffrax.Kvaerno5()`
+    for stiff problems)."""
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(vector_field),
-        diffrax.Tsit5(),
+        solver,
         t0,
         t1,
         (t1 - t0) / 100,

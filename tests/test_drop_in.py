@@ -169,6 +169,9 @@ def test_parameters_outside_the_ode():
 # --------------------------------------------------------------------------------------
 
 _LV_Y0 = jnp.array([2.0, 1.0])
+# Lotka-Volterra over [0, 10] in one window of 33 points takes 30 Newton iterations (the
+# sliding window crawls along it): with at most 10 that window fails, shorter ones don't.
+_LV_SOLVER = DEER(num_points=33, max_iters=10)
 
 
 def _lv(t, y, scale):
@@ -177,7 +180,7 @@ def _lv(t, y, scale):
 
 def _adaptive_solve(scale, y0, controller, adjoint):
     return diffrax.diffeqsolve(
-        diffrax.ODETerm(_lv), DEER(num_points=33), 0.0, 10.0,
+        diffrax.ODETerm(_lv), _LV_SOLVER, 0.0, 10.0,
         None if isinstance(controller, diffrax.StepTo) else 10.0, y0, args=scale,
         stepsize_controller=controller, adjoint=adjoint, max_steps=256,
         saveat=diffrax.SaveAt(t1=True, steps=True),
@@ -194,10 +197,11 @@ def _adaptive_loss(scale, y0, controller, adjoint):
     ids=["recursive_checkpoint", "direct"],
 )
 def test_gradient_through_rejected_and_failed_windows(adjoint):
-    # Lotka-Volterra over [0, 10] in one window: DEER's Newton iteration fails there,
-    # so the controller's first window is rejected for failing, later ones for error.
+    # Lotka-Volterra over [0, 10] in one window: DEER's Newton iteration fails there
+    # (see `_LV_SOLVER`), so the controller's first window is rejected for failing,
+    # later ones for error.
     one_window = diffrax.diffeqsolve(
-        diffrax.ODETerm(_lv), DEER(num_points=33), 0.0, 10.0, 10.0, _LV_Y0, args=1.0,
+        diffrax.ODETerm(_lv), _LV_SOLVER, 0.0, 10.0, 10.0, _LV_Y0, args=1.0,
         throw=False,
     )
     assert one_window.result != diffrax.RESULTS.successful

@@ -13,12 +13,18 @@ import optimistix as optx
 import pytest
 from diffrax_deer import DEER, scan
 
-from .helpers import HARD_PROBLEMS as HARD, reference_solution, sine_wave_gru
+from .helpers import (
+    brusselator,
+    HARD_PROBLEMS as HARD,
+    ONE_WINDOW_PROBLEMS,
+    reference_solution,
+    sine_wave_gru,
+)
 
 
 CONFIGS = {
     # name: (solver, step size controller or None for one window, tolerance on success)
-    "defaults": (DEER(), None, 5e-3),
+    # (`DEER()`'s defaults: `test_defaults_solve_hard_problems_in_one_window`.)
     # (max_iters lowered from the default 100 to keep the suite quick: ELK's iterations
     # are the expensive ones, and the cases it solves take ~20.)
     "elk": (DEER(method="elk", max_iters=40), None, 5e-3),
@@ -48,6 +54,51 @@ def test_hard_ode_converges_or_fails_clearly(name, config):
         # Quick: a non-finite divergence stops well before `max_iters`.
         if sol.result == diffrax.RESULTS.nonlinear_divergence:
             assert int(sol.solver_state.last_window_iters) < solver.max_iters
+
+
+@pytest.mark.parametrize("name", sorted(ONE_WINDOW_PROBLEMS))
+def test_defaults_solve_hard_problems_in_one_window(name):
+    # A user's first call: `DEER()` in one window, no controller. Successful, and
+    # accurate to the grid's accuracy (the 1001-point second-order scheme: errors
+    # 1e-6 to 3e-4 of the solution's scale measured; a wrong root would be O(1)).
+    vf, y0, args, t1, stiff = ONE_WINDOW_PROBLEMS[name]
+    ts = jnp.linspace(0.0, t1, 11)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(vf), DEER(), 0.0, t1, t1, y0, args=args,
+        saveat=diffrax.SaveAt(ts=ts, solver_state=True),
+    )
+    assert sol.result == diffrax.RESULTS.successful
+    solver = diffrax.Kvaerno5() if stiff else diffrax.Tsit5()
+    ref = reference_solution(vf, y0, args, 0.0, t1, ts, rtol=1e-11, atol=1e-11, solver=solver)
+    scale = float(jnp.max(jnp.abs(ref)))
+    assert float(jnp.max(jnp.abs(sol.ys - ref))) < 1e-3 * scale
+    state = sol.solver_state
+    assert int(state.num_windows) == 1
+    assert 0 < int(state.min_sliding_window) <= 1000
+
+
+def test_gradient_through_sliding_window():
+    # The Brusselator's window is shortened on the fine grid; the gradient is still
+    # the implicit derivative at the whole window's root (central differences).
+    ts = jnp.linspace(0.0, 20.0, 11)
+    solver = DEER(rtol=1e-11, atol=1e-11)
+
+    @jax.jit
+    def solve(ab):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(brusselator), solver, 0.0, 20.0, 20.0, jnp.array([1.5, 3.0]),
+            args=(ab[0], ab[1]), saveat=diffrax.SaveAt(ts=ts, solver_state=True),
+        )
+        return jnp.sum(sol.ys**2), sol.solver_state
+
+    ab = jnp.array([1.0, 3.0])
+    loss, state = solve(ab)
+    assert int(state.total_rejected) > 0
+    grad = jax.jit(jax.grad(lambda ab: solve(ab)[0]))(ab)
+    direction = jnp.array([0.6, -0.8])
+    eps = 1e-5
+    fd = (solve(ab + eps * direction)[0] - solve(ab - eps * direction)[0]) / (2 * eps)
+    np.testing.assert_allclose(jnp.dot(grad, direction), fd, rtol=1e-5)
 
 
 def test_finite_time_blow_up_fails_early_and_clearly():
