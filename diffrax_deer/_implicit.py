@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
+from jaxtyping import Array, Bool
 
 from ._linear_recurrence import linear_recurrence
 from ._lineax import refine, trajectory_jacobian, TrajectoryJacobianSolver
@@ -214,6 +215,16 @@ def _rtol(solver, dtype) -> float:
     return default_tolerance(dtype) if rtol is None else rtol
 
 
+def completed_sequentially(root: Array, stats: dict) -> Bool[Array, ""]:
+    """Whether a root find's unconverged parallel iteration was completed by
+    sequential evaluation (`ParallelNewton.sequential_fallback`) to finite values:
+    then `root` is the exact trajectory."""
+    num_sequential = stats.get("num_sequential")
+    if num_sequential is None:
+        return jnp.array(False)
+    return (num_sequential > 0) & jnp.all(jnp.isfinite(root))
+
+
 @eqx.filter_custom_jvp
 def _root_find(inputs, *, primal_fn):
     return primal_fn(inputs)
@@ -232,8 +243,9 @@ def _root_find_jvp(primals, tangents, *, primal_fn):
             "that are being differentiated. Put them in the problem."
         )
     out = _root_find(inputs, primal_fn=primal_fn)
-    root, (_, result, *_) = out
+    root, (_, result, _, _, _, stats) = out  # optimistix's layout
     ok = (result == optx.RESULTS.successful) & jnp.all(jnp.isfinite(root))
+    ok = ok | completed_sequentially(root, stats)
     # A failed root find has no derivative; its tangent is computed at a harmless
     # point (the initial state repeated) so that nothing non-finite, and no linear
     # solve that cannot converge, reaches the gradient.

@@ -81,6 +81,9 @@ class NewtonStats(eqx.Module):
     - `min_window`: the shortest sliding window used, in grid intervals (the whole
       trajectory, T, when it was never shortened, and for ELK and explicit
       recurrences).
+    - `num_sequential`: states of an explicit recurrence evaluated one after another
+      because the parallel iteration had not converged within its iterations (see
+      [`diffrax_deer.ParallelNewton`][]'s `sequential_fallback`); 0 otherwise.
     - `lyapunov_exponent`: the largest Lyapunov exponent of the converged trajectory
       (see [`diffrax_deer.lyapunov_exponent`][]), per step for `scan` and per unit time
       for `DEER`; NaN unless asked for (`lyapunov=True`).
@@ -92,6 +95,7 @@ class NewtonStats(eqx.Module):
     num_rejected: Int[Array, ""]
     lyapunov_exponent: Float[Array, ""]
     min_window: Int[Array, ""]
+    num_sequential: Int[Array, ""]
 
 
 def previous_states(init: Float[Array, " D"], ys: Float[Array, "T D"]) -> Float[Array, "T D"]:

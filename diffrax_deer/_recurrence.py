@@ -20,7 +20,10 @@ from typing import Any, ClassVar, Literal
 
 import equinox as eqx
 import jax
-from jaxtyping import Array, Float, PyTree
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Float, Int, PyTree
 
 from ._batched import matvec
 from ._jacobian import value_and_jacobian
@@ -69,3 +72,19 @@ class AbstractExplicitRecurrence(AbstractTrajectoryProblem):
 
     def residual(self, ys):
         return ys - jax.vmap(self.map)(self.points, previous_states(self.init, ys))
+
+    def complete(self, ys: Float[Array, "T D"], start: Int[Array, ""]) -> Float[Array, "T D"]:
+        r"""`ys` with the states from index `start` on evaluated one after another,
+        $y_k = \Phi(p_k, y_{k-1})$, from `ys[start - 1]` (`init` if `start` is 0):
+        exact wherever the states before `start` are. Costs `T - start` sequential
+        steps (none when `start == T`; under `vmap`, the batch's most)."""
+        T = ys.shape[0]
+
+        def body(carry):
+            k, ys = carry
+            prev = jnp.where(k > 0, ys[jnp.maximum(k - 1, 0)], self.init)
+            point = jtu.tree_map(lambda p: p[k], self.points)
+            return k + 1, ys.at[k].set(self.map(point, prev))
+
+        _, ys = lax.while_loop(lambda carry: carry[0] < T, body, (start, ys))
+        return ys

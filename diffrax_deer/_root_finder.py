@@ -34,7 +34,7 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from ._implicit import ImplicitTrajectoryAdjoint
+from ._implicit import completed_sequentially, ImplicitTrajectoryAdjoint
 from ._kalman import damped_recurrence
 from ._linear_recurrence import linear_recurrence
 from ._misc import default_tolerance
@@ -231,9 +231,16 @@ class ParallelNewton(AbstractTrajectoryRootFinder):
     the window cannot get past a state (no root nearby: a finite-time blow-up) after
     being shortened 4 times, the iteration stops as `nonlinear_divergence`.
 
-    Explicit recurrences (`diffrax_deer.scan`) take whole-trajectory steps, with
-    non-finite states reset to the previous iterate: after $i$ steps the first $i$
-    states are exact (Gonzalez et al., 2024), so $T$ steps always suffice.
+    **Explicit recurrences** (`diffrax_deer.scan`, Runge--Kutta maps) take
+    whole-trajectory steps, with non-finite states reset to the previous iterate: after
+    $i$ steps the first $i$ states are exact (Gonzalez et al., 2024), so $T$ steps
+    always suffice. With `sequential_fallback=True` (default), an iteration that has not
+    converged when the root find runs out of steps evaluates the rest of the trajectory
+    one state after another, from the first state whose last update was not small: the
+    answer is exact (as `jax.lax.scan`'s) and reported successful, with the number of
+    states so evaluated in `NewtonStats.num_sequential`. Its work is bounded: `max_iters`
+    parallel steps plus at most $T$ sequential ones. `sequential_fallback=False`
+    reports `nonlinear_max_steps_reached` instead.
 
     !!! example
 
@@ -247,6 +254,7 @@ class ParallelNewton(AbstractTrajectoryRootFinder):
     atol: float | None = None
     norm: Callable[[PyTree], Array] = optx.max_norm
     jacobian: Jacobian = eqx.field(static=True, default="dense")
+    sequential_fallback: bool = eqx.field(static=True, default=True)
     exact_after_length: ClassVar[bool] = True
     name: ClassVar[str] = "deer"
 
@@ -289,6 +297,15 @@ class ParallelNewton(AbstractTrajectoryRootFinder):
             jnp.minimum(state.min_window, window),
         )
         return new, new_state, None
+
+    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        del fn, options, tags
+        if not (self.sequential_fallback and args.explicit_recurrence):
+            return y, aux, {}
+        T = y.shape[0]
+        start = jnp.where(result == optx.RESULTS.successful, T, state.start)
+        y = args.complete(y, start)
+        return y, aux, {"num_sequential": (T - start).astype(jnp.int32)}
 
 
 _MIN_DAMPING = 1e-12
@@ -417,19 +434,23 @@ class ELK(AbstractTrajectoryRootFinder):
 def _stats(sol: optx.Solution, dtype) -> NewtonStats:
     """The `NewtonStats` of a root find by one of the root finders above."""
     state = sol.state
-    # Out of steps with a non-finite last linear solve: that is a divergence.
+    # Out of steps with a non-finite last linear solve: that is a divergence. Completed
+    # by sequential evaluation (a finite one): that is the answer.
     result = optx.RESULTS.where(
         (sol.result == optx.RESULTS.nonlinear_max_steps_reached) & jnp.invert(state.finite),
         optx.RESULTS.nonlinear_divergence,
         sol.result,
     )
+    completed = completed_sequentially(sol.value, sol.stats)
+    result = optx.RESULTS.where(completed, optx.RESULTS.successful, result)
     successful = result == optx.RESULTS.successful
-    scaled = state.update_norm
+    scaled = jnp.where(completed, 0, state.update_norm)
     scaled = jnp.where(successful, scaled, jnp.maximum(scaled, 1 + jnp.finfo(dtype).eps))
     length = jnp.array(sol.value.shape[0], jnp.int32)
     return NewtonStats(
         jnp.asarray(sol.stats["num_steps"], jnp.int32), scaled, result, state.num_rejected,
         jnp.array(jnp.nan, dtype), getattr(state, "min_window", length),
+        sol.stats.get("num_sequential", jnp.array(0, jnp.int32)),
     )
 
 

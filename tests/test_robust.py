@@ -34,8 +34,12 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-@pytest.mark.parametrize("name", sorted(HARD))
+# ELK on the problem where it converges in one window (the other two fail clearly, as
+# `benchmarks/results/robust_*.md` shows; kept out of the suite for its compile time).
+CASES = [(name, "robust") for name in sorted(HARD)] + [("lotka_volterra", "elk")]
+
+
+@pytest.mark.parametrize("name,config", CASES)
 def test_hard_ode_converges_or_fails_clearly(name, config):
     vf, y0, args, t1 = HARD[name]
     solver, controller, tol = CONFIGS[config]
@@ -155,3 +159,40 @@ def test_autoregressive_gru_deer_with_more_iterations(gru_reference):
     np.testing.assert_allclose(ys, ys_ref, atol=1e-8)
     assert 100 < int(stats.num_iters) < 400
     assert abs(float(stats.lyapunov_exponent)) < 1e-2
+
+
+def _expansive_tanh_rnn():
+    # h_k = tanh(W h_{k-1} + x_k) with W = 3 x an orthogonal matrix: its linearisation
+    # about the initial guess (h = 0) triples perturbations, so Newton's first steps
+    # overshoot and it does not converge in 100 iterations, though the trajectory itself
+    # is stable (largest Lyapunov exponent about -0.18 per step).
+    W = 3.0 * jnp.asarray(np.linalg.qr(np.random.RandomState(0).randn(4, 4))[0])
+    xs = 0.5 * jax.random.normal(jax.random.PRNGKey(0), (2000, 4))
+    return (lambda h, x: (jnp.tanh(W @ h + x), h)), jnp.zeros(4), xs
+
+
+@pytest.mark.parametrize("case", ["sine_wave_gru", "expansive_tanh_rnn"])
+def test_scan_default_never_raises(case, gru_reference):
+    # `scan`'s defaults on recurrences where the parallel iteration does not converge
+    # in `max_iters`: the rest is evaluated sequentially, so the answer is
+    # `jax.lax.scan`'s, and so are its gradients.
+    if case == "sine_wave_gru":
+        step, h0, _, _ = gru_reference
+        xs, length = None, GRU_LENGTH
+    else:
+        (step, h0, xs), length = _expansive_tanh_rnn(), None
+
+    def loss(h0, fn):
+        return jnp.sum(fn(step, h0, xs, length=length)[1] ** 2)
+
+    final, ys, stats = jax.jit(
+        lambda h0: scan(step, h0, xs, length=length, return_stats=True)
+    )(h0)
+    ref_final, ref_ys = jax.lax.scan(step, h0, xs, length=length)
+    np.testing.assert_allclose(ys, ref_ys, atol=1e-10)
+    np.testing.assert_allclose(final, ref_final, atol=1e-10)
+    assert stats.result == optx.RESULTS.successful
+    assert int(stats.num_iters) == 100 and int(stats.num_sequential) > 0
+    grad = jax.jit(jax.grad(lambda h0: loss(h0, scan)))(h0)
+    ref_grad = jax.grad(lambda h0: loss(h0, jax.lax.scan))(h0)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-6, atol=1e-9)

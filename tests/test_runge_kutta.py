@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from diffrax_deer import DEER
+from diffrax_deer import DEER, ParallelNewton
 
 from .helpers import forced_decay, reference_solution, van_der_pol
 
@@ -176,14 +176,30 @@ def test_pid_controller_adapts_windows():
 
 def test_failed_window_has_infinite_error():
     # One Newton iteration cannot converge on a 16-step window from a constant guess:
-    # the step reports failure and an infinite error (so a controller shrinks it).
-    solver = DEER(num_points=N, discretisation=diffrax.Tsit5(), max_iters=1)
+    # without the sequential fallback (which would complete the window exactly), the
+    # step reports failure and an infinite error (so a controller shrinks it).
+    solver = DEER(
+        num_points=N, discretisation=diffrax.Tsit5(), max_iters=1,
+        root_finder=ParallelNewton(sequential_fallback=False),
+    )
     term = diffrax.ODETerm(van_der_pol)
     state = solver.init(term, T0, T1, Y0, MU)
     step = eqx.filter_jit(solver.step)
     _, y_error, _, _, result = step(term, T0, T1, Y0, MU, state, False)
     assert result != diffrax.RESULTS.successful
     assert bool(jnp.all(jnp.isinf(y_error)))
+
+
+def test_unconverged_window_completed_sequentially():
+    # The default sequential fallback: after one Newton iteration the rest of the
+    # window's steps are taken one after another, so the window is Tsit5's own.
+    solver = DEER(num_points=N, discretisation=diffrax.Tsit5(), max_iters=1)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(van_der_pol), solver, T0, T1, T1 - T0, Y0, args=MU,
+        saveat=diffrax.SaveAt(ts=TS),
+    )
+    ref = _sequential("tsit5")(Y0, T0, T1, (T1 - T0) / (N - 1), TS)
+    np.testing.assert_allclose(sol.ys, ref, rtol=1e-12, atol=1e-12)
 
 
 #

@@ -465,14 +465,25 @@ def test_non_convergence():
     f = lambda h, x: (cell(x, h), h)
 
     @eqx.filter_jit
-    def run(h0, xs, throw):
-        return diffrax_deer.scan(f, h0, xs, max_iters=2, throw=throw, return_stats=True)
+    def run(h0, xs, throw, fallback):
+        finder = diffrax_deer.ParallelNewton(sequential_fallback=fallback)
+        return diffrax_deer.scan(
+            f, h0, xs, root_finder=finder, max_iters=2, throw=throw, return_stats=True
+        )
 
+    # By default the rest of the sequence is evaluated sequentially: exact.
+    final, ys, stats = run(jnp.zeros(D), XS, True, True)
+    ref_final, ref_ys = jax.lax.scan(f, jnp.zeros(D), XS)
+    assert tree_allclose((final, ys), (ref_final, ref_ys), rtol=1e-12, atol=1e-12)
+    assert stats.result == optx.RESULTS.successful
+    assert int(stats.num_iters) == 2 and 0 < int(stats.num_sequential) < XS.shape[0]
+    # Without the fallback: a clear failure.
     with pytest.raises(Exception, match="did not converge"):
-        jax.block_until_ready(run(jnp.zeros(D), XS, True))
-    final, ys, stats = run(jnp.zeros(D), XS, False)
+        jax.block_until_ready(run(jnp.zeros(D), XS, True, False))
+    final, ys, stats = run(jnp.zeros(D), XS, False, False)
     assert stats.result == optx.RESULTS.nonlinear_max_steps_reached
     assert int(stats.num_iters) == 2 and float(stats.update_norm) > 1
+    assert int(stats.num_sequential) == 0
     assert bool(jnp.all(jnp.isfinite(ys)))
 
 
