@@ -17,6 +17,7 @@ the guess (it is not differentiated).
 """
 
 import abc
+import dataclasses
 from collections.abc import Callable
 
 import equinox as eqx
@@ -79,6 +80,10 @@ def coarse_grid_guess(
     dynamic, static = eqx.partition(problem, eqx.is_inexact_array)
     problem = eqx.combine(lax.stop_gradient(dynamic), static)
     coarse = problem.coarsen(n_coarse + 1)
+    # A coarse solve that fails falls back to the constant guess: completing it
+    # sequentially (`ParallelNewton.sequential_fallback`) would only cost compile time.
+    if getattr(root_finder, "sequential_fallback", False):
+        root_finder = dataclasses.replace(root_finder, sequential_fallback=False)
     if n_coarse <= max_direct_intervals:
         guess, coarser_iters = constant_guess(coarse), jnp.array(0, jnp.int32)
     else:
