@@ -160,6 +160,7 @@ class _NewtonState(eqx.Module):
     start: Int[Array, ""]  # the first state whose last update was not small
     window: Int[Array, ""]  # states from `start` that the next step updates
     min_window: Int[Array, ""]  # the shortest window so far
+    guess_size: Float[Array, " T"]  # the initial iterate's size at each state
 
 
 def _windowed_update(
@@ -172,8 +173,10 @@ def _windowed_update(
     next window's length.
 
     A state of the window is trusted if it is finite and within `_GROWTH` times the
-    scale of the states before the window (and of the initial state); the window's
-    first state only needs to be finite (its predecessor's update was small). An
+    scale of the states before the window, of the initial state and of the initial
+    guess there (a good guess, such as the coarse-grid predictor's, vouches for large
+    values); the window's first state only needs to be finite (its predecessor's
+    update was small). An
     untrusted state shortens the window to half the stretch before it; a kept window
     doubles. The states after the window hold its last state (a constant guess from
     there)."""
@@ -182,7 +185,7 @@ def _windowed_update(
     end = jnp.minimum(state.start + state.window, T)
     size = jnp.max(jnp.abs(full), axis=-1)
     before = jnp.where(index < state.start, jnp.max(jnp.abs(y), axis=-1), 0)
-    scale = jnp.maximum(jnp.max(jnp.abs(init)), jnp.max(before))
+    scale = jnp.maximum(jnp.maximum(jnp.max(jnp.abs(init)), jnp.max(before)), state.guess_size)
     trusted = jnp.isfinite(size) & ((size <= _GROWTH * (1 + scale)) | (index == state.start))
     in_window = (index >= state.start) & (index < end)
     first_bad = jnp.min(jnp.where(in_window & jnp.invert(trusted), index, T))
@@ -221,7 +224,8 @@ class ParallelNewton(AbstractTrajectoryRootFinder):
     was not small: states before $s$ have converged, and since the residual is causal
     (block lower-bidiagonal), a window's Newton step does not depend on what follows
     it. $W$ starts at the whole trajectory. If the step leaves a state of the window
-    non-finite or beyond $10^3$ times the scale of the converged states, $W$ becomes
+    non-finite or beyond $10^3$ times the scale of the converged states (and of the
+    initial guess at that state: a good guess vouches for large values), $W$ becomes
     half the stretch before it, and that part of the step is kept; a kept window
     doubles. States after the window hold its last state. On contractive problems the
     window never shortens, and the iteration is plain DEER; otherwise it slides along
@@ -264,7 +268,10 @@ class ParallelNewton(AbstractTrajectoryRootFinder):
         zero = jnp.array(0, jnp.int32)
         inf = jnp.array(jnp.inf, y.dtype)
         T = jnp.array(y.shape[0], jnp.int32)
-        return _NewtonState(zero, inf, jnp.array(False), jnp.array(True), zero, zero, zero, T, T)
+        guess_size = jnp.max(jnp.where(jnp.isfinite(y), jnp.abs(y), 0), axis=-1)
+        return _NewtonState(
+            zero, inf, jnp.array(False), jnp.array(True), zero, zero, zero, T, T, guess_size
+        )
 
     def step(self, fn, y, args, options, state, tags):
         del fn, options, tags
@@ -294,7 +301,7 @@ class ParallelNewton(AbstractTrajectoryRootFinder):
         new_state = _NewtonState(
             state.step + 1, scaled, kept & covered & (scaled <= 1), finite, streak,
             state.num_rejected + jnp.invert(kept).astype(jnp.int32), start, window,
-            jnp.minimum(state.min_window, window),
+            jnp.minimum(state.min_window, window), state.guess_size,
         )
         return new, new_state, None
 

@@ -81,6 +81,20 @@ def test_defaults_solve_hard_problems_in_one_window(name):
     assert 0 < int(state.min_sliding_window) <= 1000
 
 
+def test_exponential_growth_keeps_the_whole_window():
+    # y' = y over [0, 20] grows 5e8-fold. The coarse grid's window is shortened (its
+    # constant guess cannot vouch for such values); the fine grid's guess, from the
+    # coarse solution, does: it converges as before, in the whole window.
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda t, y, args: y), DEER(), 0.0, 20.0, 20.0, jnp.array([1.0]),
+        saveat=diffrax.SaveAt(t1=True, solver_state=True),
+    )
+    state = sol.solver_state
+    assert int(state.total_iters) <= 2 and int(state.total_rejected) == 0
+    assert int(state.min_sliding_window) == 1000
+    np.testing.assert_allclose(sol.ys[-1, 0], np.exp(20.0), rtol=1e-10)
+
+
 def test_gradient_through_sliding_window():
     # The Brusselator's window is shortened on the fine grid; the gradient is still
     # the implicit derivative at the whole window's root (central differences).
