@@ -176,10 +176,9 @@ def _windowed_update(
     scale of the states before the window, of the initial state and of the initial
     guess there (a good guess, such as the coarse-grid predictor's, vouches for large
     values); the window's first state only needs to be finite (its predecessor's
-    update was small). An
-    untrusted state shortens the window to half the stretch before it; a kept window
-    doubles. The states after the window hold its last state (a constant guess from
-    there)."""
+    update was small). An untrusted state shortens the window to half the stretch
+    before it; a kept window doubles. The states after the window hold its last state
+    (a constant guess from there)."""
     T = y.shape[0]
     index = jnp.arange(T, dtype=jnp.int32)
     end = jnp.minimum(state.start + state.window, T)
