@@ -43,6 +43,7 @@ from ._interpolation import HermiteGridInterpolation
 from ._jacobian import value_and_jacobian
 from ._misc import TreeFlattener
 from ._newton import AbstractTrajectoryProblem
+from ._sharding import TimeSharding
 
 
 def uniform_grid(t0, t1, num_points: int) -> Real[Array, " N"]:
@@ -160,6 +161,7 @@ class ExponentialScheme(AbstractWindowScheme):
     Dense output: cubic Hermite from the grid values and slopes; error estimate:
     `defect_error`."""
 
+    time_sharding: TimeSharding | None = eqx.field(static=True, default=None)
     exact_jacobian: ClassVar[bool] = False
     explicit_recurrence: ClassVar[bool] = False
 
@@ -217,8 +219,10 @@ class AbstractDiscretisation(eqx.Module):
         flattener: TreeFlattener,
         num_points: int,
         jacobian: Literal["dense", "diagonal"],
+        time_sharding: TimeSharding | None,
     ) -> AbstractWindowScheme:
-        """The scheme over one window of `num_points` grid points from `t0` to `t1`."""
+        """The scheme over one window of `num_points` grid points from `t0` to `t1`,
+        its time axis sharded by `time_sharding` (None: one device)."""
 
     @abc.abstractmethod
     def order(self, terms) -> int:

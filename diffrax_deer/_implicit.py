@@ -44,7 +44,7 @@ import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Bool
 
-from ._linear_recurrence import linear_recurrence
+from ._linear_recurrence import solve_linear_recurrence
 from ._lineax import refine, trajectory_jacobian, TrajectoryJacobianSolver
 from ._misc import (
     batched_like,
@@ -92,7 +92,7 @@ def _transpose(ys_at, ok, problem, ct, rtol, max_steps):
     _, vjp = eqx.filter_vjp(_residual, ys_at, problem)
 
     def precondition(r):
-        return linear_recurrence(A, r, transpose=True)
+        return solve_linear_recurrence(A, r, transpose=True, sharding=problem.time_sharding)
 
     if problem.exact_jacobian:
         lam = precondition(ct)

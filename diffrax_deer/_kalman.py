@@ -35,7 +35,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._batched import matmul, matvec, solve
-from ._linear_recurrence import associative_scan, linear_recurrence
+from ._linear_recurrence import associative_scan, solve_linear_recurrence
+from ._sharding import TimeSharding
 
 
 def _transpose(M, diagonal):
@@ -85,6 +86,7 @@ def filtered_covariances(
     A: Float[Array, "T D D"] | Float[Array, "T D"],
     obs_variance: Float[Array, ""],
     diagonal: bool,
+    sharding: TimeSharding | None = None,
 ) -> Float[Array, "T D D"] | Float[Array, "T D"]:
     r"""Filtering covariances $P_1..P_T$ of the model above (unit process noise,
     observation noise `obs_variance` $= \lambda^{-1}$, exactly known $s_0$)."""
@@ -98,7 +100,7 @@ def filtered_covariances(
     A_e = A_e.at[0].set(jnp.zeros_like(A_e[0]))
     J_e = J_e.at[0].set(jnp.zeros_like(J_e[0]))
     combine = ft.partial(_riccati_combine, diagonal=diagonal)
-    _, P, _ = associative_scan(combine, (A_e, C_e, J_e))
+    _, P, _ = associative_scan(combine, (A_e, C_e, J_e), sharding=sharding)
     return P
 
 
@@ -108,6 +110,7 @@ def damped_recurrence(
     x0: Float[Array, " D"],
     observations: Float[Array, "T D"],
     damping: Float[Array, ""],
+    sharding: TimeSharding | None = None,
 ) -> Float[Array, "T D"]:
     r"""Minimiser of $\sum_k \|s_k - A_k s_{k-1} - b_k\|^2 + \lambda \sum_k
     \|s_k - o_k\|^2$ with $s_0 = x_0$: the ELK update (see module docstring).
@@ -118,13 +121,14 @@ def damped_recurrence(
     - `x0`: the initial state, `(D,)`.
     - `observations`: $o_k$, the current iterate, `(T, D)`.
     - `damping`: $\lambda > 0$.
+    - `sharding`: the time axis's sharding across devices (`_sharding.py`), or None.
     """
     diagonal = A.ndim == b.ndim
     T = ft.partial(_transpose, diagonal=diagonal)
     mul = ft.partial(_mul, diagonal=diagonal)
     obs_variance = 1 / damping
     eye = _eye_like(A, diagonal)
-    P = filtered_covariances(A, obs_variance, diagonal)
+    P = filtered_covariances(A, obs_variance, diagonal, sharding)
     # Predicted covariances P^-_k = A_k P_{k-1} A_k^T + I, with P_0 = 0.
     P_prev = jnp.concatenate([jnp.zeros_like(P[:1]), P[:-1]])
     P_pred = mul(mul(A, P_prev), T(A)) + eye
@@ -134,15 +138,15 @@ def damped_recurrence(
     IK = eye - K
     transition = mul(IK, A)
     offset = matvec(IK, b) + matvec(K, observations)
-    m = linear_recurrence(transition, offset, x0)
+    m = solve_linear_recurrence(transition, offset, x0, sharding=sharding)
     # Smoothed means, backwards: m^s_k = E_k m^s_{k+1} + (m_k - E_k (A_{k+1} m_k + b_{k+1})).
     A_next = A[1:]
     b_next = b[1:]
     # E_k = P_k A_{k+1}^T (P^-_{k+1})^{-1} = ((P^-_{k+1})^{-1} A_{k+1} P_k)^T.
     E = T(_solve(P_pred[1:], mul(A_next, P[:-1]), diagonal))
     g = m[:-1] - matvec(E, matvec(A_next, m[:-1]) + b_next)
-    # Reverse recurrence m^s_k = E_k m^s_{k+1} + g_k, m^s_T = m_T: reverse the arrays
-    # and solve it as a forward one.
-    E_rev = jnp.concatenate([jnp.zeros((1,) + E.shape[1:], E.dtype), E[::-1]])
-    g_rev = jnp.concatenate([m[-1:], g[::-1]])
-    return linear_recurrence(E_rev, g_rev)[::-1]
+    # Reverse recurrence m^s_k = E_k m^s_{k+1} + g_k, m^s_T = m_T: the transposed
+    # recurrence with transitions A_{k+1} = E_k^T.
+    E_shifted = jnp.concatenate([jnp.zeros((1,) + E.shape[1:], E.dtype), T(E)])
+    offsets = jnp.concatenate([g, m[-1:]])
+    return solve_linear_recurrence(E_shifted, offsets, transpose=True, sharding=sharding)

@@ -11,9 +11,12 @@ from typing import Literal
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import jax.tree_util as jtu
+from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 from ._batched import matmul, matvec
+from ._sharding import time_sharding, TimeSharding
 
 
 Method = Literal["auto", "associative", "chunked", "sequential"]
@@ -42,6 +45,24 @@ def _compose(A_j, A_i):
     return A_j * A_i if A_j.ndim == A_i.ndim and A_i.ndim == 2 else matmul(A_j, A_i)
 
 
+def _identity(D: int, diagonal: bool, dtype, batch: tuple[int, ...] = ()) -> Array:
+    if diagonal:
+        return jnp.ones(batch + (D,), dtype)
+    return jnp.broadcast_to(jnp.eye(D, dtype=dtype), batch + (D, D))
+
+
+def _pad_identity(A, b, length: int):
+    """`A`, `b` padded at the end to `length` with identity maps (`A = I`, `b = 0`):
+    the states there repeat the last one, and the aggregate map is unchanged."""
+    pad = length - b.shape[0]
+    if pad == 0:
+        return A, b
+    D = b.shape[1]
+    A = jnp.concatenate([A, _identity(D, A.ndim == b.ndim, A.dtype, (pad,))])
+    b = jnp.concatenate([b, jnp.zeros((pad, D), b.dtype)])
+    return A, b
+
+
 def _combine(earlier, later):
     A_i, b_i = earlier
     A_j, b_j = later
@@ -65,28 +86,20 @@ def _sequential(A, b):
     return out
 
 
-def _chunked(A, b):
-    """Three passes over `C` chunks of length `L ~ sqrt(T)`, each vectorised over the
-    chunks: (1) each chunk's total transition and its end state from zero, (2) the
-    chunks' initial states, a short recurrence over the `C` chunks, (3) each chunk
-    rerun from its initial state. `O(T)` work, no `(T, D, D)` temporaries, and a
-    program whose size does not grow with `T` (fast to compile)."""
+def _chunked_pieces(A, b):
+    """The chunked solve in pieces (see `_chunked`): the aggregate affine map of the
+    whole recurrence (a function, computed only if asked for) and `finish(x)`, the
+    states from the initial state `x`."""
     T, D = b.shape
     L = max(1, math.isqrt(T - 1) + 1)
     C = -(-T // L)
-    pad = C * L - T
-    if pad:
-        A = jnp.concatenate([A, jnp.zeros((pad,) + A.shape[1:], A.dtype)])
-        b = jnp.concatenate([b, jnp.zeros((pad, D), b.dtype)])
+    diagonal = A.ndim == b.ndim
+    # Padded with identity maps, which leave the aggregate unchanged.
+    A, b = _pad_identity(A, b, C * L)
     # (L, C, ...): scan over the position within the chunk, vectorised over chunks.
     A = jnp.swapaxes(A.reshape((C, L) + A.shape[1:]), 0, 1)
     b = jnp.swapaxes(b.reshape(C, L, D), 0, 1)
-    diagonal = A.ndim == b.ndim
-    identity = (
-        jnp.ones((C, D), A.dtype)
-        if diagonal
-        else jnp.broadcast_to(jnp.eye(D, dtype=A.dtype), (C, D, D))
-    )
+    identity = _identity(D, diagonal, A.dtype, (C,))
 
     def summarise(carry, inp):
         P, x = carry
@@ -95,22 +108,53 @@ def _chunked(A, b):
 
     (P, x_end), _ = lax.scan(summarise, (identity, jnp.zeros((C, D), b.dtype)), (A, b))
 
-    def chunk_start(x, inp):
-        P_c, x_c = inp
-        return matvec(P_c, x) + x_c, x
+    def aggregate():
+        def body(carry, inp):
+            return _combine(carry, inp), None
 
-    _, starts = lax.scan(chunk_start, jnp.zeros(D, b.dtype), (P, x_end))
+        total, _ = lax.scan(body, (identity[0], jnp.zeros(D, b.dtype)), (P, x_end))
+        return total
 
-    def rerun(x, inp):
-        a, bk = inp
-        x = matvec(a, x) + bk
-        return x, x
+    def finish(x0):
+        def chunk_start(x, inp):
+            P_c, x_c = inp
+            return matvec(P_c, x) + x_c, x
 
-    _, out = lax.scan(rerun, starts, (A, b))
-    return jnp.swapaxes(out, 0, 1).reshape(C * L, D)[:T]
+        _, starts = lax.scan(chunk_start, x0, (P, x_end))
+
+        def rerun(x, inp):
+            a, bk = inp
+            x = matvec(a, x) + bk
+            return x, x
+
+        _, out = lax.scan(rerun, starts, (A, b))
+        return jnp.swapaxes(out, 0, 1).reshape(C * L, D)[:T]
+
+    return aggregate, finish
 
 
-def associative_scan(fn, elems, method: Method = "auto"):
+def _chunked(A, b):
+    """Three passes over `C` chunks of length `L ~ sqrt(T)`, each vectorised over the
+    chunks: (1) each chunk's total transition and its end state from zero, (2) the
+    chunks' initial states, a short recurrence over the `C` chunks, (3) each chunk
+    rerun from its initial state. `O(T)` work, no `(T, D, D)` temporaries, and a
+    program whose size does not grow with `T` (fast to compile)."""
+    _, finish = _chunked_pieces(A, b)
+    return finish(jnp.zeros_like(b[0]))
+
+
+def _prefix_pieces(A, b, method):
+    """The associative (or sequential) solve in pieces: every prefix's affine map,
+    from which the aggregate is the last and `finish(x)` one product per state."""
+    A_cum, x = associative_scan(_combine, (A, b), method)
+    return (lambda: (A_cum[-1], x[-1])), (
+        lambda x0: x + matvec(A_cum, jnp.broadcast_to(x0, x.shape))
+    )
+
+
+def associative_scan(
+    fn, elems, method: Method = "auto", sharding: TimeSharding | None = None
+):
     """Inclusive scan of an associative operator `fn(earlier, later)` over the leading
     axis of the PyTree `elems`, like `jax.lax.associative_scan`.
 
@@ -118,7 +162,14 @@ def associative_scan(fn, elems, method: Method = "auto"):
     `jax.lax.scan` vectorised over the chunks, a short scan over the chunk totals, and
     one vectorised combine. `fn` then appears three times in the program instead of
     `O(log T)` times (much faster to compile), with `O(T)` applications of `fn`.
+
+    With `sharding` (see `_sharding.py`), each device scans its slice, the slices'
+    totals are exchanged once, and each device combines its slice with the total of
+    the slices before it. (The padding of an uneven length is combined only into
+    discarded outputs.)
     """
+    if sharding is not None:
+        return _sharded_associative_scan(fn, elems, method, sharding)
     if method == "auto":
         method = _default_method()
     if method == "associative":
@@ -184,6 +235,21 @@ def associative_scan(fn, elems, method: Method = "auto"):
     return out
 
 
+def _sharded_associative_scan(fn, elems, method: Method, sharding: TimeSharding):
+    T = jtu.tree_leaves(elems)[0].shape[0]
+    padded, _ = sharding.pad(elems)
+
+    def local(elems, _):
+        prefixes = associative_scan(fn, elems, method)
+        total = jtu.tree_map(lambda x: x[-1], prefixes)
+        before, has_before = sharding.exclusive_prefix(fn, total, reverse=False)
+        combined = jax.vmap(lambda p: fn(before, p))(prefixes)
+        return jtu.tree_map(lambda c, p: jnp.where(has_before, c, p), combined, prefixes)
+
+    out = sharding.map(local, padded)
+    return jtu.tree_map(lambda x: x[:T], out)
+
+
 def _default_method() -> Literal["chunked", "associative"]:
     # On CPUs the chunked form does less work and compiles much faster; on GPUs/TPUs the
     # associative scan's O(log T) depth is what makes long sequences fast.
@@ -200,6 +266,8 @@ def linear_recurrence(
     *,
     transpose: bool = False,
     method: Method = "auto",
+    mesh: Mesh | None = None,
+    axis_name: str | None = None,
 ) -> Float[Array, "T D"]:
     r"""Solves a linear recurrence in parallel over its length.
 
@@ -232,6 +300,10 @@ def linear_recurrence(
     - `x0`: initial state $x_{-1}$ of shape `(D,)`; only for the forward recurrence.
     - `transpose`: solve the transposed system instead (see above).
     - `method`: see above.
+    - `mesh`, `axis_name`: shard the time axis over the mesh axis `axis_name` of the
+        `jax.sharding.Mesh` `mesh` (default: its only axis): each device solves its
+        slice, with one all-gather of the slices' aggregate maps (see
+        [`diffrax_deer.DEER`][]'s "many devices"). Default: one device.
 
     **Returns:**
 
@@ -246,15 +318,32 @@ def linear_recurrence(
         # x[k] = 0.9 x[k-1] + 1, x[-1] -> 10
         ```
     """
+    sharding = time_sharding(mesh, axis_name, "linear_recurrence")
+    return solve_linear_recurrence(A, b, x0, transpose=transpose, method=method, sharding=sharding)
+
+
+def solve_linear_recurrence(
+    A: Float[Array, "T D D"] | Float[Array, "T D"],
+    b: Float[Array, "T D"],
+    x0: Float[Array, " D"] | None = None,
+    *,
+    transpose: bool = False,
+    method: Method = "auto",
+    sharding: TimeSharding | None = None,
+) -> Float[Array, "T D"]:
+    """[`diffrax_deer.linear_recurrence`][] with its sharding as a `TimeSharding`
+    (what the problems of this package carry)."""
     diagonal = _is_diagonal(A, b)
     if method == "auto":
         method = _default_method()
     if method not in _METHODS:
         raise ValueError(f"Unknown method {method!r}; expected one of {list(_METHODS)}.")
+    if transpose and x0 is not None:
+        raise ValueError("`x0` is only meaningful for the forward recurrence.")
+    if sharding is not None:
+        return _sharded_linear_recurrence(A, b, x0, transpose, method, sharding)
     solve = _METHODS[method]
     if transpose:
-        if x0 is not None:
-            raise ValueError("`x0` is only meaningful for the forward recurrence.")
         At = A if diagonal else jnp.swapaxes(A, -1, -2)
         # lambda_k = A_{k+1}^T lambda_{k+1} + b_k is the forward recurrence read
         # backwards; the last transition (A_T, which meets lambda_T = 0) is unused.
@@ -263,6 +352,37 @@ def linear_recurrence(
     if x0 is not None:
         b = b.at[0].add(matvec(A[0], x0))
     return solve(A, b)
+
+
+def _pieces(A, b, method: Method):
+    if method == "chunked":
+        return _chunked_pieces(A, b)
+    return _prefix_pieces(A, b, method)
+
+
+def _sharded_linear_recurrence(A, b, x0, transpose: bool, method: Method, sharding: TimeSharding):
+    """Each device's slice in pieces (`_pieces`); the state before it from the
+    all-gathered aggregates of the slices before it (after it, transposed); then the
+    slice from that state. The transposed recurrence's transitions are the next
+    states' (`A_{k+1}^T`): the first of the next slice comes by one neighbour
+    exchange."""
+    T, D = b.shape
+    diagonal = A.ndim == b.ndim
+    (A, b), _ = sharding.pad((A, b))  # zero maps: no effect on the states before
+    x0 = jnp.zeros(D, b.dtype) if x0 is None else x0
+
+    def local(slices, x0):
+        A, b = slices
+        if transpose:
+            A = jnp.concatenate([A[1:], sharding.next_first(A)[None]])
+            A = A if diagonal else jnp.swapaxes(A, -1, -2)
+            A, b = A[::-1], b[::-1]
+        aggregate, finish = _pieces(A, b, method)
+        (M, c), has_before = sharding.exclusive_prefix(_combine, aggregate(), reverse=transpose)
+        x = finish(jnp.where(has_before, matvec(M, x0) + c, x0))
+        return x[::-1] if transpose else x
+
+    return sharding.map(local, (A, b), x0)[:T]
 
 
 def sequential_linear_recurrence(

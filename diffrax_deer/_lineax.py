@@ -34,8 +34,10 @@ import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, Float, PyTree
 
-from ._linear_recurrence import linear_recurrence
+from ._linear_recurrence import solve_linear_recurrence
+from ._misc import error_if
 from ._newton import AbstractTrajectoryProblem
+from ._sharding import TimeSharding
 
 
 def not_converged_message(max_steps: int) -> str:
@@ -89,7 +91,7 @@ def refine(
     carry = (jnp.array(0), x, aux, jnp.array(False))
     num_steps, x, aux, converged = lax.while_loop(cond, body, carry)
     failed = jnp.invert(converged & jnp.all(jnp.isfinite(x)))
-    x = eqx.error_if(x, failed, not_converged_message(max_steps))
+    x = error_if(x, failed, not_converged_message(max_steps))
     return x, aux, num_steps
 
 
@@ -106,12 +108,14 @@ class TrajectoryJacobianOperator(lx.AbstractLinearOperator):
     - `transitions`: $A_k$, `(T, D, D)` or diagonal `(T, D)`.
     - `exact`: whether $x_k - A_k x_{k-1}$ *is* $L$ (then one scan solves).
     - `transposed`: whether this is $L^\top$.
+    - `sharding`: the time axis's sharding across devices (`_sharding.py`), or None.
     """
 
     jacobian: lx.AbstractLinearOperator
     transitions: Array
     exact: bool = eqx.field(static=True)
     transposed: bool = eqx.field(static=True, default=False)
+    sharding: TimeSharding | None = eqx.field(static=True, default=None)
 
     def mv(self, vector):
         return self.jacobian.mv(vector)
@@ -132,7 +136,9 @@ class TrajectoryJacobianOperator(lx.AbstractLinearOperator):
 
     def precondition(self, vector: Float[Array, "T D"]) -> Float[Array, "T D"]:
         r"""$\tilde L^{-1} v$ (or $\tilde L^{-\top} v$): one parallel scan."""
-        return linear_recurrence(self.transitions, vector, transpose=self.transposed)
+        return solve_linear_recurrence(
+            self.transitions, vector, transpose=self.transposed, sharding=self.sharding
+        )
 
 
 def _residual(ys, problem):
@@ -152,6 +158,7 @@ def trajectory_jacobian(
         lx.JacobianLinearOperator(_residual, ys, problem),
         lax.stop_gradient(transitions),
         exact=bool(problem.exact_jacobian),
+        sharding=problem.time_sharding,
     )
 
 

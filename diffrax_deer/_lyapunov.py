@@ -25,6 +25,7 @@ from jaxtyping import Array, Float
 
 from ._batched import matmul
 from ._linear_recurrence import associative_scan
+from ._sharding import TimeSharding
 
 
 def _normalise(M):
@@ -66,12 +67,20 @@ def lyapunov_exponent(
         diffrax_deer.lyapunov_exponent(J)        # log(0.9) = -0.105
         ```
     """
+    return sharded_lyapunov_exponent(jacobians, dt, None)
+
+
+def sharded_lyapunov_exponent(
+    jacobians: Float[Array, "T D D"] | Float[Array, "T D"], dt, sharding: TimeSharding | None
+) -> Float[Array, ""]:
+    """[`diffrax_deer.lyapunov_exponent`][], its product's scan sharded by
+    `sharding` (see `_sharding.py`) unless None."""
     T = jacobians.shape[0]
     if jacobians.ndim == 2:
         # Diagonal: each component grows independently.
         growth = jnp.sum(jnp.log(jnp.abs(jacobians)), axis=0)
         return jnp.max(growth) / (T * dt)
     M, log_scale = _normalise(jacobians)
-    P, log_total = associative_scan(_combine, (M, log_scale))
+    P, log_total = associative_scan(_combine, (M, log_scale), sharding=sharding)
     log_norm = log_total[-1] + jnp.log(jnp.max(jnp.abs(P[-1])))
     return log_norm / (T * dt)

@@ -5,6 +5,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -119,3 +120,16 @@ def cotangents_for(tangents: PyTree, grads: PyTree) -> PyTree:
 def no_cotangents(tree: PyTree) -> PyTree:
     """None for every leaf of a transpose rule's non-linear input."""
     return jtu.tree_map(lambda _: None, tree, is_leaf=is_undefined)
+
+
+def error_if(x: Array, pred, messages: str | list[str], index=None) -> Array:
+    """`x`, raising at run time with `messages` (one, or the `index`-th) if `pred`:
+    `equinox.error_if` / `branched_error_if`, checked on `x`'s first row alone. (On
+    all of `x`, the check's host callback pins `x` to one device: a trajectory
+    sharded along time would be gathered there.)"""
+    first = x[:1]
+    if isinstance(messages, str):
+        first = eqx.error_if(first, pred, messages)
+    else:
+        first = eqx.branched_error_if(first, pred, index, messages)
+    return lax.dynamic_update_slice_in_dim(x, first, 0, axis=0)

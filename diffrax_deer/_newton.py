@@ -19,10 +19,11 @@ import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 import optimistix as optx
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._batched import matvec
-from ._lyapunov import lyapunov_exponent
+from ._lyapunov import sharded_lyapunov_exponent
+from ._sharding import TimeSharding
 
 
 class AbstractTrajectoryProblem(eqx.Module):
@@ -61,6 +62,19 @@ class AbstractTrajectoryProblem(eqx.Module):
     # first i states are exact whatever the transitions A_k (Gonzalez et al., 2024,
     # Prop. 1), so T iterations always reach the solution.
     explicit_recurrence: eqx.AbstractVar[bool]
+
+    @property
+    def time_sharding(self) -> TimeSharding | None:
+        """How the trajectory's time axis is sharded across devices (see
+        `_sharding.py`); None (this default): one device. Problems that support
+        sharding have it as a field."""
+        return None
+
+    def shard(self, tree: PyTree[Array]) -> PyTree[Array]:
+        """`tree`'s (time-major) arrays constrained to the problem's sharding along
+        time, if any."""
+        sharding = self.time_sharding
+        return tree if sharding is None else sharding.constrain(tree)
 
     def residual(self, ys: Float[Array, "T D"]) -> Float[Array, "T D"]:
         """$r_k = y_k - \\Phi_k(y)$. The default reads $\\Phi$ off the linearisation."""
@@ -116,7 +130,9 @@ def with_lyapunov_exponent(
     transitions of the linearisation about it (one extra linearisation and one scan;
     not differentiated). `dt` is the time one step spans (1 for per step)."""
     transitions, _ = problem.linearise(lax.stop_gradient(ys))
-    exponent = lyapunov_exponent(lax.stop_gradient(transitions), lax.stop_gradient(dt))
+    exponent = sharded_lyapunov_exponent(
+        lax.stop_gradient(transitions), lax.stop_gradient(dt), problem.time_sharding
+    )
     return eqx.tree_at(lambda s: s.lyapunov_exponent, stats, exponent.astype(ys.dtype))
 
 

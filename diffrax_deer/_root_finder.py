@@ -36,7 +36,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._implicit import completed_sequentially, ImplicitTrajectoryAdjoint
 from ._kalman import damped_recurrence
-from ._linear_recurrence import linear_recurrence
+from ._linear_recurrence import solve_linear_recurrence
 from ._misc import default_tolerance
 from ._newton import AbstractTrajectoryProblem, model_residual, NewtonStats
 
@@ -275,8 +275,9 @@ class ParallelNewton(AbstractTrajectoryRootFinder):
     def step(self, fn, y, args, options, state, tags):
         del fn, options, tags
         T = y.shape[0]
-        A, b = args.linearise(y)
-        full = linear_recurrence(A, b, args.init)
+        y = args.shard(y)
+        A, b = args.shard(args.linearise(y))
+        full = args.shard(solve_linear_recurrence(A, b, args.init, sharding=args.time_sharding))
         if args.explicit_recurrence:
             new, finite = _reset_non_finite(full, y, args.init)
             kept, end, window = jnp.array(True), jnp.array(T, jnp.int32), state.window
@@ -344,9 +345,10 @@ class _ELKState(eqx.Module):
 
 def _linearise(problem, ys) -> _LinearModel:
     """The linear model of `problem` at `ys`."""
-    A, b = problem.linearise(ys)
+    A, b = problem.shard(problem.linearise(problem.shard(ys)))
     r = model_residual(A, b, problem.init, ys)
-    return _LinearModel(A, b, linear_recurrence(A, b, problem.init), jnp.sum(r**2))
+    newton = solve_linear_recurrence(A, b, problem.init, sharding=problem.time_sharding)
+    return _LinearModel(A, b, newton, jnp.sum(r**2))
 
 
 class ELK(AbstractTrajectoryRootFinder):
@@ -411,7 +413,9 @@ class ELK(AbstractTrajectoryRootFinder):
         converged = jnp.all(jnp.isfinite(model.newton)) & (newton_scaled <= 1)
         stall = jnp.minimum(jnp.asarray(self.damping, y.dtype) * _STALL_FACTOR, _MAX_DAMPING)
         stalled = lam >= stall
-        damped = damped_recurrence(model.transitions, model.offsets, init, y, lam)
+        damped = damped_recurrence(
+            model.transitions, model.offsets, init, y, lam, args.time_sharding
+        )
         step, _ = _reset_non_finite(model.newton, y, init)
         step = jnp.where(stalled, step, damped)
         r_model = model_residual(model.transitions, model.offsets, init, step)

@@ -51,6 +51,7 @@ from ._discretisation import (
 )
 from ._interpolation import RungeKuttaGridInterpolation
 from ._recurrence import AbstractExplicitRecurrence
+from ._sharding import TimeSharding
 
 
 _EXAMPLES = (
@@ -121,6 +122,7 @@ class RungeKuttaScheme(AbstractWindowScheme, AbstractExplicitRecurrence):
     """
 
     solver: diffrax.AbstractSolver = eqx.field(static=True)
+    time_sharding: TimeSharding | None = eqx.field(static=True, default=None)
 
     @property
     def order(self) -> int:

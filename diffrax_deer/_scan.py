@@ -37,9 +37,10 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, PyTree
 
-from ._misc import TreeFlattener
+from ._misc import error_if, TreeFlattener
 from ._newton import NewtonStats, previous_states, with_lyapunov_exponent
 from ._recurrence import AbstractExplicitRecurrence
 from ._root_finder import (
@@ -47,6 +48,7 @@ from ._root_finder import (
     root_finder_for,
     solve_trajectory,
 )
+from ._sharding import time_sharding, TimeSharding
 
 
 Method = Literal["auto", "deer", "quasi-deer", "elk", "quasi-elk", "sequential"]
@@ -91,6 +93,7 @@ class _ScanProblem(AbstractExplicitRecurrence):
     xs: PyTree
     carry0: Float[Array, " D"]
     jacobian: Literal["dense", "diagonal"] = eqx.field(static=True)
+    time_sharding: TimeSharding | None = eqx.field(static=True, default=None)
 
     @property
     def init(self) -> Float[Array, " D"]:
@@ -219,6 +222,8 @@ def scan(
     initial_damping: float | None = None,
     return_stats: bool = False,
     lyapunov: bool = False,
+    mesh: Mesh | None = None,
+    axis_name: str | None = None,
 ):
     r"""`jax.lax.scan`, evaluated in parallel over the sequence by Newton's method.
 
@@ -348,6 +353,11 @@ def scan(
         amplifies them like $e^{\lambda k}$, Newton may need up to `T` iterations, so
         prefer `method="sequential"`. Under quasi-DEER / quasi-ELK the estimate uses the
         Jacobian diagonals (that of the approximate linearisation).
+    - `mesh`, `axis_name`: shard the sequence over the axis `axis_name` (default: the
+        mesh's only axis) of the `jax.sharding.Mesh` `mesh`: each device holds and
+        works on its slice of the carries, `xs` and `ys`, and the parallel scans
+        exchange one aggregate per device (see [`diffrax_deer.DEER`][]'s "many
+        devices"). Default (None): one device. Ignored by `method="sequential"`.
 
     **Returns:**
 
@@ -374,6 +384,7 @@ def scan(
         ```
     """
     shorthands = dict(rtol=rtol, atol=atol, norm=norm, damping=initial_damping)
+    sharding = time_sharding(mesh, axis_name, "scan")
     _check_args(method, root_finder, shorthands, max_iters, jacobian_diagonal)
     xs = jtu.tree_map(jnp.asarray, xs)
     # Let `jax.lax.scan` check the contract (lengths, carry structure and types) and
@@ -404,14 +415,17 @@ def scan(
     )
     if reverse:
         xs = _flip(xs)
-    problem = _problem(f, init, flattener, xs, carry_struct, finder.jacobian, jacobian_diagonal)
+    problem = _problem(
+        f, init, flattener, xs, carry_struct, finder.jacobian, jacobian_diagonal, sharding
+    )
     guess_flat = _flat_guess(guess, problem.carry0, flattener, carry_struct, T, reverse)
     carries, stats = solve_trajectory(problem, guess_flat, finder, max_iters)
     if lyapunov:
         stats = with_lyapunov_exponent(stats, problem, carries, 1.0)
     if throw:
         carries = _raise_if_failed(carries, stats, finder.method, max_iters)
-    final, ys = _outputs(f, flattener, problem.carry0, carries, xs, reverse)
+    final, ys = _outputs(f, flattener, problem.carry0, carries, problem.xs, reverse)
+    ys = problem.shard(ys)
     return finish(final, ys, stats)
 
 
@@ -423,9 +437,11 @@ def _stats_dtype(init: PyTree):
     return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
 
 
-def _problem(f, init, flattener, xs, carry_struct, jacobian, jacobian_diagonal) -> _ScanProblem:
+def _problem(
+    f, init, flattener, xs, carry_struct, jacobian, jacobian_diagonal, sharding
+) -> _ScanProblem:
     """The carries of the scan `f` from `init` over (forward-ordered) `xs` as a
-    trajectory problem on flat carries."""
+    trajectory problem on flat carries, sharded along time by `sharding` (or not)."""
     x_struct = jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), xs)
     c_struct = jax.ShapeDtypeStruct((flattener.size,), flattener.dtype)
 
@@ -454,9 +470,10 @@ def _problem(f, init, flattener, xs, carry_struct, jacobian, jacobian_diagonal) 
     return _ScanProblem(  # pyright: ignore[reportCallIssue] (exact_jacobian: a property)
         step=step,
         diagonal=diagonal,
-        xs=xs,
+        xs=xs if sharding is None else sharding.constrain(xs),
         carry0=flattener.ravel(init),
         jacobian="dense" if dense else "diagonal",
+        time_sharding=sharding,
     )
 
 
@@ -480,7 +497,7 @@ def _raise_if_failed(carries, stats: NewtonStats, method: str, max_iters: int):
     messages = [
         msg.format(method=method, max_iters=max_iters) for msg in (_NOT_CONVERGED, _DIVERGED)
     ]
-    return eqx.branched_error_if(carries, failed, diverged.astype(jnp.int32), messages)
+    return error_if(carries, failed, messages, diverged.astype(jnp.int32))
 
 
 def _outputs(f, flattener, init_flat, carries, xs, reverse):

@@ -12,6 +12,7 @@ from diffrax import AbstractTerm, ODETerm, RESULTS
 # diffrax wraps terms to handle the time direction and backsolve adjoints; these wrappers
 # are not exported, so we recognise them from diffrax's private module.
 from diffrax._term import AdjointTerm, WrapTerm
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PyTree
 
 from ._discretisation import AbstractDiscretisation, AbstractWindowScheme, uniform_grid
@@ -24,6 +25,7 @@ from ._root_finder import (
     solve_trajectory,
 )
 from ._runge_kutta import as_discretisation
+from ._sharding import time_sharding
 
 
 class DEERState(eqx.Module):
@@ -198,6 +200,9 @@ class DEER(diffrax.AbstractAdaptiveSolver):
     atol: float | None = None
     norm: Callable[[PyTree], Array] | None = None
     initial_damping: float | None = None
+    # Sequence parallelism (see `__init__`'s documentation).
+    mesh: Mesh | None = eqx.field(static=True, default=None)
+    axis_name: str | None = eqx.field(static=True, default=None)
 
     term_structure: ClassVar = AbstractTerm
 
@@ -213,6 +218,7 @@ class DEER(diffrax.AbstractAdaptiveSolver):
         _ = self.resolved_root_finder
         as_initial_guess(self.initial_guess)
         as_discretisation(self.discretisation)
+        time_sharding(self.mesh, self.axis_name, "DEER")
 
     @property
     def resolved_root_finder(self) -> AbstractTrajectoryRootFinder:
@@ -275,6 +281,7 @@ class DEER(diffrax.AbstractAdaptiveSolver):
         problem = as_discretisation(self.discretisation).window(
             terms=terms, args=args, t0=jnp.asarray(t0), t1=jnp.asarray(t1), y0=y0_flat,
             flattener=flattener, num_points=self.num_points, jacobian=finder.jacobian,
+            time_sharding=time_sharding(self.mesh, self.axis_name, "DEER"),
         )
         guess, coarse_iters = as_initial_guess(self.initial_guess)(problem, finder, self.max_iters)
         ys, stats = solve_trajectory(problem, guess, finder, self.max_iters)
