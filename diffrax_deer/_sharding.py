@@ -82,7 +82,6 @@ class TimeSharding(eqx.Module):
             mesh=self.mesh,
             in_specs=(self.spec, PartitionSpec()),
             out_specs=self.spec,
-            axis_names=frozenset({self.axis_name}),
             check_vma=False,
         )(sharded, replicated)
 
