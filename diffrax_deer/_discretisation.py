@@ -161,7 +161,7 @@ class ExponentialScheme(AbstractWindowScheme):
     Dense output: cubic Hermite from the grid values and slopes; error estimate:
     `defect_error`."""
 
-    time_sharding: TimeSharding | None = eqx.field(static=True, default=None)
+    time_sharding: TimeSharding | None = eqx.field(static=True, default=None)  # pyright: ignore[reportIncompatibleMethodOverride] (a field for the base's property)
     exact_jacobian: ClassVar[bool] = False
     explicit_recurrence: ClassVar[bool] = False
 

@@ -131,5 +131,5 @@ def error_if(x: Array, pred, messages: str | list[str], index=None) -> Array:
     if isinstance(messages, str):
         first = eqx.error_if(first, pred, messages)
     else:
-        first = eqx.branched_error_if(first, pred, index, messages)
+        first = eqx.branched_error_if(first, pred, jnp.asarray(index), messages)
     return lax.dynamic_update_slice_in_dim(x, first, 0, axis=0)

@@ -122,7 +122,7 @@ class RungeKuttaScheme(AbstractWindowScheme, AbstractExplicitRecurrence):
     """
 
     solver: diffrax.AbstractSolver = eqx.field(static=True)
-    time_sharding: TimeSharding | None = eqx.field(static=True, default=None)
+    time_sharding: TimeSharding | None = eqx.field(static=True, default=None)  # pyright: ignore[reportIncompatibleMethodOverride] (a field for the base's property)
 
     @property
     def order(self) -> int:

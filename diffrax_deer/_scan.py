@@ -93,7 +93,7 @@ class _ScanProblem(AbstractExplicitRecurrence):
     xs: PyTree
     carry0: Float[Array, " D"]
     jacobian: Literal["dense", "diagonal"] = eqx.field(static=True)
-    time_sharding: TimeSharding | None = eqx.field(static=True, default=None)
+    time_sharding: TimeSharding | None = eqx.field(static=True, default=None)  # pyright: ignore[reportIncompatibleMethodOverride] (a field for the base's property)
 
     @property
     def init(self) -> Float[Array, " D"]:

@@ -141,7 +141,7 @@ def time_sharding(mesh: Mesh | None, axis_name: str | None, who: str) -> TimeSha
     # XLA's partitioner places the pointwise work ("auto" axes); `jax.make_mesh`'s
     # default "explicit" axes would make every array's sharding part of its type.
     auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
-    return TimeSharding(auto, axis_name)
+    return TimeSharding(auto, str(axis_name))
 
 
 def _check_context() -> None:

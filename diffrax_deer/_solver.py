@@ -380,6 +380,24 @@ DEER.__init__.__doc__ = r"""**Arguments:**
 - `lyapunov`: also estimate the largest Lyapunov exponent of each window's trajectory
     (one extra Jacobian evaluation and scan per window), reported (averaged over
     windows) in `DEERState.lyapunov_exponent`. Default False.
+- `mesh`, `axis_name`: sequence parallelism. `mesh` a `jax.sharding.Mesh`, `axis_name`
+    the mesh axis to shard each window's grid over (default: the mesh's only axis).
+    Each device holds its slice of the grid (the Jacobians, exponentials, residuals and
+    Kalman elements of its points are computed there); each parallel scan is a local
+    scan per device plus one all-gather of the devices' aggregate maps and a local
+    fix-up, the transposed scans of the gradients the same backwards, and convergence
+    tests reduce across devices. Every root finder, both discretisations, the
+    coarse-grid guess, dense output and `SaveAt` work sharded and give the unsharded
+    answer to round-off; grids the device count does not divide are padded. Combine
+    with data parallelism by `jax.vmap(..., spmd_axis_name="data")` over a batch, with
+    a mesh of axes `("data", "time")` and `axis_name="time"`. Default None: one device.
+    Call outside `jax.set_mesh` of a mesh with explicit axes (the library places the
+    trajectory itself).
+
+    ```python
+    mesh = jax.make_mesh((jax.device_count(),), ("time",))
+    solver = diffrax_deer.DEER(num_points=2**20, mesh=mesh)
+    ```
 - Shorthands for the root finder, used only without `root_finder=` (passing both
     raises): `method` (`"deer"`, `"quasi-deer"`, `"elk"`, `"quasi-elk"`), `rtol`,
     `atol`, `norm` and `initial_damping` (ELK's starting damping).

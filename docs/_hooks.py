@@ -32,7 +32,7 @@ BENCHMARK_PAGE = "benchmarks.md"
 
 # Order of the benchmark result files on the page (by file-name prefix); others follow
 # alphabetically.
-RESULTS_ORDER = ("solver", "scan", "robust", "reference", "maxgrid")
+RESULTS_ORDER = ("solver", "scan", "robust", "reference", "maxgrid", "sharding")
 
 
 def _notebooks() -> list[Path]:

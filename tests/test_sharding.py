@@ -48,6 +48,6 @@ def test_two_processes():
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outputs):
+    for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-4000:]
         assert "errors" in out, out[-2000:]

@@ -4,6 +4,7 @@ collectives between them), checked against this process's own unsharded solves.
 
 Usage: python distributed_worker.py PROCESS_ID PORT"""
 
+import functools as ft
 import sys
 
 import jax
@@ -45,11 +46,11 @@ def main():
 
     errors = []
     for fn, arg in ((deer, 2.0), (gru, xs)):
-        value = jax.jit(lambda x: jax.value_and_grad(lambda y: fn(mesh, y))(x))(arg)
-        local = jax.jit(lambda x: jax.value_and_grad(lambda y: fn(None, y))(x))(arg)
+        value = jax.jit(jax.value_and_grad(ft.partial(fn, mesh)))(arg)
+        local = jax.jit(jax.value_and_grad(ft.partial(fn, None)))(arg)
         # Gather the pieces (the gradient with respect to `xs` is sharded).
         value = multihost_utils.process_allgather(value, tiled=True)
-        pairs = zip(jax.tree_util.tree_leaves(value), jax.tree_util.tree_leaves(local))
+        pairs = zip(jax.tree_util.tree_leaves(value), jax.tree_util.tree_leaves(local), strict=True)
         errors.append(max(float(jnp.max(jnp.abs(a - b))) for a, b in pairs))
     print("errors", errors, flush=True)
     assert max(errors) < 1e-12, errors

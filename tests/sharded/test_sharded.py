@@ -5,6 +5,8 @@ Run by `tests/test_sharding.py` in a pytest session of its own with
 device); skipped elsewhere.
 """
 
+import functools as ft
+
 import diffrax
 import equinox as eqx
 import jax
@@ -27,7 +29,7 @@ def mesh():
 
 
 def assert_same(a, b, tol=TOL):
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
 
 
@@ -41,12 +43,10 @@ def test_linear_recurrence(T, diagonal, transpose):
     x0 = None if transpose else jax.random.normal(keys[2], (3,))
     ref = diffrax_deer.sequential_linear_recurrence(A, b, x0, transpose=transpose)
     for method in ("chunked", "associative"):
-        run = jax.jit(
-            lambda A, b, x0: diffrax_deer.linear_recurrence(
-                A, b, x0, transpose=transpose, method=method, mesh=mesh()
-            )
+        solve = ft.partial(
+            diffrax_deer.linear_recurrence, transpose=transpose, method=method, mesh=mesh()
         )
-        assert_same(run(A, b, x0), ref)
+        assert_same(jax.jit(solve)(A, b, x0), ref)
 
 
 def pendulum(t, y, args):
@@ -152,11 +152,12 @@ def rnn(cell):
 def test_scan(cell, reverse):
     step, h0 = rnn(CELLS[cell])
     for method in ("deer", "quasi-deer"):
-        run = lambda m: jax.jit(
+        run = lambda m, method=method: jax.jit(
             lambda xs: diffrax_deer.scan(step, h0, xs, reverse=reverse, method=method, mesh=m)
         )(XS)
-        assert_same(run(mesh()), run(None))
-    assert_same(run(mesh()), jax.lax.scan(step, h0, XS, reverse=reverse), tol=1e-8)
+        out = run(mesh())
+        assert_same(out, run(None))
+        assert_same(out, jax.lax.scan(step, h0, XS, reverse=reverse), tol=1e-8)
 
 
 def test_scan_gradients():
