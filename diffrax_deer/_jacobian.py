@@ -41,13 +41,17 @@ def value_and_jacobian(
     points: PyTree,
     ys: Float[Array, "T D"],
     structure: Literal["dense", "diagonal"] = "dense",
+    chunked: bool = True,
 ) -> tuple[Float[Array, "T D"], Float[Array, "T D D"] | Float[Array, "T D"]]:
     """`fn(point, y) -> (D,)` evaluated at every `(points[k], ys[k])`, with its
-    Jacobian with respect to `y`: dense `(T, D, D)` or diagonal `(T, D)`."""
+    Jacobian with respect to `y`: dense `(T, D, D)` or diagonal `(T, D)`. `chunked`:
+    whether the second-order passes of the dense Jacobian may run in chunks of points
+    (see `_over_chunks`; not along a time axis sharded over devices, where a loop over
+    chunks would gather the grid onto every device)."""
     D = ys.shape[-1]
     eye = jnp.eye(D, dtype=ys.dtype)
     if structure == "dense":
-        return _dense(fn, points, ys)
+        return _dense(fn, points, ys, chunked)
     if structure != "diagonal":
         raise ValueError(f"Unknown Jacobian structure {structure!r}.")
     batched = jax.vmap(fn)
@@ -80,13 +84,14 @@ def _dense_impl(fn, points, ys):
 
 
 @eqx.filter_custom_jvp
-def _dense(fn, points, ys):
+def _dense(fn, points, ys, chunked):
+    del chunked
     return _dense_impl(fn, points, ys)
 
 
 @_dense.def_jvp
 def _dense_jvp(primals, tangents):
-    out = _dense_impl(*primals)
+    out = _dense_impl(*primals[:3])
     if all(t is None for t in jtu.tree_leaves(tangents)):
         return out, jtu.tree_map(jnp.zeros_like, out)
     tangents = batched_like(tangents, primals[2])
@@ -99,8 +104,8 @@ def _tangent_impl(primals, tangents):
     # Forward mode: forward-over-forward, along the perturbed leaves only (None
     # tangents stay symbolic zeros: a product along the trajectory alone does not
     # differentiate through the parameters), in chunks of points on CPU.
-    fn, points, ys = primals
-    t_fn, t_points, t_ys = tangents
+    fn, points, ys, chunked = primals
+    t_fn, t_points, t_ys, _ = tangents
 
     def chunk(points, ys, t_chunk):
         t_points, t_ys = t_chunk
@@ -111,7 +116,7 @@ def _tangent_impl(primals, tangents):
         # when a parameter enters additively -- has a symbolic-zero tangent.)
         return (), tuple(jnp.zeros_like(o) if t is None else t for o, t in zip(out, t_out, strict=True))
 
-    _, t_out = _over_chunks(chunk, points, ys, (t_points, t_ys))
+    _, t_out = _over_chunks(chunk, points, ys, (t_points, t_ys), chunked)
     return list(t_out)
 
 
@@ -135,7 +140,7 @@ def _tangent_jvp(primals, tangents):
 _CHUNK = 512
 
 
-def _over_chunks(fn, points, ys, cts):
+def _over_chunks(fn, points, ys, cts, chunked: bool = True):
     """`fn(points, ys, cts) -> (total, per_point)` over the whole grid, evaluated in
     chunks of `_CHUNK` points on CPU: `total` (a PyTree of sums over points) is summed
     over the chunks, `per_point` (leading axis the points) concatenated.
@@ -145,9 +150,10 @@ def _over_chunks(fn, points, ys, cts):
     caches the pass slows by 2-3x (measured, neural ODE D = 4, T = 1e4: 34 ms whole,
     13 ms in chunks of 512; D = 16: 145 ms against 55 ms). On other backends, or for
     short grids, one pass over everything. Padding: the last point repeated, with
-    zero cotangents, so padded points add nothing to `total`."""
+    zero cotangents, so padded points add nothing to `total`. Without `chunked`, one
+    pass."""
     T = ys.shape[0]
-    if jax.default_backend() != "cpu" or T <= 2 * _CHUNK:
+    if not chunked or jax.default_backend() != "cpu" or T <= 2 * _CHUNK:
         return fn(points, ys, cts)
     C = -(-T // _CHUNK)
     pad = C * _CHUNK - T
@@ -177,7 +183,7 @@ def _tangent_transpose(inputs, cts_out):
     primals, tangents = inputs
     if any(is_undefined(x) for x in jtu.tree_leaves(primals)):
         raise NotImplementedError("The Jacobian's tangent is linear in the tangents only.")
-    fn, points, ys = primals
+    fn, points, ys, chunked = primals
     fn_dynamic, fn_static = eqx.partition(fn, eqx.is_inexact_array)
     eye = jnp.eye(ys.shape[-1], dtype=ys.dtype)
 
@@ -203,9 +209,9 @@ def _tangent_transpose(inputs, cts_out):
         d_fn, d_points, d_ys = jtu.tree_map(add, base, columns, is_leaf=_is_none)
         return _zeros_for_none(d_fn, fn_dynamic), (d_points, d_ys)
 
-    d_fn, (d_points, d_ys) = _over_chunks(chunk, points, ys, tuple(cts_out))
+    d_fn, (d_points, d_ys) = _over_chunks(chunk, points, ys, tuple(cts_out), chunked)
     d_fn = eqx.combine(d_fn, jtu.tree_map(lambda _: None, fn_static))
-    return no_cotangents(primals), cotangents_for(tangents, (d_fn, d_points, d_ys))
+    return no_cotangents(primals), cotangents_for(tangents, (d_fn, d_points, d_ys, None))
 
 
 def _is_none(x):

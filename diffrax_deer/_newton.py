@@ -117,6 +117,13 @@ def previous_states(init: Float[Array, " D"], ys: Float[Array, "T D"]) -> Float[
     return jnp.concatenate([init[None], ys[:-1]])
 
 
+def take_row(x: Float[Array, "T D"], i: Int[Array, ""]) -> Float[Array, " D"]:
+    """`x[i]` for a traced `i`, as a masked sum: local work and one reduction of `D`
+    numbers when the time axis is sharded over devices (an index would gather `x`)."""
+    mask = (jnp.arange(x.shape[0]) == i)[:, None]
+    return jnp.sum(jnp.where(mask, x, 0), axis=0)
+
+
 def model_residual(A, b, init: Float[Array, " D"], ys: Float[Array, "T D"]) -> Float[Array, "T D"]:
     """The residual of `ys` in the linear model $y_k = A_k y_{k-1} + b_k$ (dense or
     diagonal `A`)."""

@@ -64,7 +64,9 @@ class AbstractExplicitRecurrence(AbstractTrajectoryProblem):
         prev = previous_states(self.init, ys)
         diagonal = self.closed_form_diagonal
         if diagonal is None or self.jacobian == "dense":
-            values, J = value_and_jacobian(self.map, self.points, prev, self.jacobian)
+            values, J = value_and_jacobian(
+                self.map, self.points, prev, self.jacobian, chunked=self.time_sharding is None
+            )
         else:
             values = jax.vmap(self.map)(self.points, prev)
             J = jax.vmap(diagonal)(self.points, prev)

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal
 
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
@@ -38,7 +39,12 @@ from ._implicit import completed_sequentially, ImplicitTrajectoryAdjoint
 from ._kalman import damped_recurrence
 from ._linear_recurrence import solve_linear_recurrence
 from ._misc import default_tolerance
-from ._newton import AbstractTrajectoryProblem, model_residual, NewtonStats
+from ._newton import (
+    AbstractTrajectoryProblem,
+    model_residual,
+    NewtonStats,
+    take_row,
+)
 
 
 Jacobian = Literal["dense", "diagonal"]
@@ -195,7 +201,7 @@ def _windowed_update(
     end = jnp.where(kept, end, jnp.minimum(state.start + window, T))
     updated = (index < end)[:, None]
     new = jnp.where(updated & jnp.isfinite(full), full, y)
-    new = jnp.where(updated, new, new[jnp.maximum(end - 1, 0)])
+    new = jnp.where(updated, new, take_row(new, jnp.maximum(end - 1, 0)))
     return new, kept, end, window
 
 
@@ -295,7 +301,7 @@ class ParallelNewton(AbstractTrajectoryRootFinder):
         else:
             # Window shortenings (or a non-finite first state) since the converged
             # states last advanced.
-            first = full[jnp.minimum(state.start, T - 1)]
+            first = take_row(full, jnp.minimum(state.start, T - 1))
             failed = jnp.invert(kept) | jnp.invert(jnp.all(jnp.isfinite(first)))
             streak = jnp.where(start > state.start, 0, state.streak + failed.astype(jnp.int32))
         new_state = _NewtonState(
@@ -311,7 +317,9 @@ class ParallelNewton(AbstractTrajectoryRootFinder):
             return y, aux, {}
         T = y.shape[0]
         start = jnp.where(result == optx.RESULTS.successful, T, state.start)
-        y = args.complete(y, start)
+        # (Under a branch: along a time axis sharded over devices, the sequential loop
+        # gathers the trajectory, which a converged solve should not pay for.)
+        y = lax.cond(start < T, lambda y, s: args.complete(y, s), lambda y, _: y, y, start)
         return y, aux, {"num_sequential": (T - start).astype(jnp.int32)}
 
 
