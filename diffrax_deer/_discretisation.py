@@ -189,7 +189,7 @@ class ExponentialScheme(AbstractWindowScheme):
     def linearise(self, ys):
         ys_full = jnp.concatenate([self.y0[None], ys])
         F, J = value_and_jacobian(
-            self._increment, self.ts, ys_full, self.jacobian, chunked=self.time_sharding is None
+            self._increment, self.ts, ys_full, self.jacobian, self.time_sharding
         )
         h = F - matvec(J, ys_full)
         X = (J[:-1] + J[1:]) / 2

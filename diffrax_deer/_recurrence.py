@@ -65,7 +65,7 @@ class AbstractExplicitRecurrence(AbstractTrajectoryProblem):
         diagonal = self.closed_form_diagonal
         if diagonal is None or self.jacobian == "dense":
             values, J = value_and_jacobian(
-                self.map, self.points, prev, self.jacobian, chunked=self.time_sharding is None
+                self.map, self.points, prev, self.jacobian, self.time_sharding
             )
         else:
             values = jax.vmap(self.map)(self.points, prev)
