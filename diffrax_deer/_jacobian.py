@@ -165,15 +165,18 @@ def _over_chunks(fn, points, ys, cts, sharding: TimeSharding | None = None):
     C = -(-per_device // size)
     pad = devices * C * size - T
 
+    lead = (C, size) if sharding is None else (devices, C, size)
+
     def split(x, mode):
         x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode=mode)
-        x = x.reshape(devices, C, size, *x.shape[1:])
+        x = x.reshape(*lead, *x.shape[1:])
         return x if sharding is None else sharding.constrain(x)
 
     points, ys = jtu.tree_map(lambda x: split(x, "edge"), (points, ys))
     cts = jtu.tree_map(lambda x: split(x, "constant"), cts)
+    first = (0,) * (len(lead) - 1)
     total_shape = eqx.filter_eval_shape(
-        lambda p, y, c: fn(p, y, c)[0], *jtu.tree_map(lambda x: x[0, 0], (points, ys, cts))
+        lambda p, y, c: fn(p, y, c)[0], *jtu.tree_map(lambda x: x[first], (points, ys, cts))
     )
     zeros = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), total_shape)
 
@@ -184,9 +187,12 @@ def _over_chunks(fn, points, ys, cts, sharding: TimeSharding | None = None):
     def sweep(points, ys, cts):  # one device's chunks
         return lax.scan(body, zeros, (points, ys, cts))
 
-    total, per_point = jax.vmap(sweep)(points, ys, cts)
-    total = jtu.tree_map(lambda x: jnp.sum(x, axis=0), total)
-    per_point = jtu.tree_map(lambda x: x.reshape(-1, *x.shape[3:])[:T], per_point)
+    if sharding is None:
+        total, per_point = sweep(points, ys, cts)
+    else:
+        total, per_point = jax.vmap(sweep)(points, ys, cts)
+        total = jtu.tree_map(lambda x: jnp.sum(x, axis=0), total)
+    per_point = jtu.tree_map(lambda x: x.reshape(-1, *x.shape[len(lead):])[:T], per_point)
     return total, per_point
 
 
