@@ -15,7 +15,9 @@ XLA's per-device memory estimate of the compiled gradient (arguments + outputs +
 temporaries), and the per-phase split: one linear recurrence of the solve's shape
 (`(T, D, D)` transitions; the scan phase) and the exchange alone (the all-gather of
 the `P` aggregate maps and the length-`P` prefix, in a `shard_map` of its own).
-`P = 1` rows run without a mesh (today's single-device code). Each case runs in
+`P = 1` rows run without a mesh (today's single-device code); one of them with the
+process pinned to one core (`taskset`), to show how much of the machine one device's
+own threads already use. Each case runs in
 `--rounds` fresh processes, the cases alternating, and every time is the minimum over
 them (this machine's timings drift by up to 2x between runs).
 
@@ -24,7 +26,7 @@ grid": the per-device memory per grid point of the gradient, and the grid that f
 a per-device budget of 1 GiB (extrapolated linearly from the measured `T`; on a host
 the devices share one RAM, so this is what separate devices, e.g. GPUs, would hold).
 
-    python -m benchmarks.bench_sharding                 # ~12 minutes on a 2-core CPU
+    python -m benchmarks.bench_sharding                 # ~15 minutes on a 2-core CPU
     python -m benchmarks.bench_sharding --T 20000 --devices 1 2
 
 Results: `benchmarks/results/sharding_<platform>_py<X.Y>.{json,md}`.
@@ -136,15 +138,18 @@ def _measure_one(name: str, T: int, devices: int) -> dict:
     return row
 
 
-def _in_subprocess(name: str, T: int, devices: int) -> dict:
+def _in_subprocess(name: str, T: int, devices: int, one_core: bool = False) -> dict:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_sharding", "--one", name, str(T), str(devices)],
-        capture_output=True, text=True, env=env,
-    )
+    command = [sys.executable, "-m", "benchmarks.bench_sharding", "--one", name, str(T),
+               str(devices)]
+    if one_core:  # (Linux) the process pinned to one core
+        command = ["taskset", "-c", "0", *command]
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["cores"] = 1 if one_core else os.cpu_count()
+    return row
 
 
 def main():
@@ -167,17 +172,19 @@ def main():
     for name in opts.workloads:
         cases = {(opts.T, P) for P in opts.devices}  # strong
         cases |= {(opts.T * P // max(opts.devices), P) for P in opts.devices}  # weak
+        # One device on one core: what one device's own threads add.
+        cases.add((opts.T, 0))
         measured = {}
         for _ in range(opts.rounds):  # alternating, against this machine's drift
             for T, P in sorted(cases):
-                row = _in_subprocess(name, T, P)
+                row = _in_subprocess(name, T, max(P, 1), one_core=P == 0)
                 common.log(f"{name} T={T} P={P}: {row}")
                 best = measured.setdefault((T, P), row)
                 for key in ("forward_s", "grad_s", "scan_s", "exchange_s", "compile_s",
                             "grad_compile_s"):
                     best[key] = min(best[key], row[key])
         for (T, P), row in sorted(measured.items()):
-            strong, weak = measured.get((T, 1)), measured.get((T // P, 1))
+            strong, weak = measured.get((T, 1)), measured.get((T // max(P, 1), 1))
             for fn in ("forward", "grad"):
                 ok = P > 1 and strong is not None
                 row[f"strong_{fn}"] = strong[f"{fn}_s"] / row[f"{fn}_s"] if ok else None
@@ -190,7 +197,8 @@ def main():
     ratio = lambda v: "–" if v is None else common.fmt_ratio(v)  # noqa: E731
     columns = [
         common.Column("workload", "workload"), common.Column("T", "T"),
-        common.Column("devices", "devices"), common.Column("newton_iters", "Newton it."),
+        common.Column("devices", "devices"), common.Column("cores", "cores"),
+        common.Column("newton_iters", "Newton it."),
         common.Column("forward_s", "forward", t),
         common.Column("strong_forward", "speed-up (strong)", ratio),
         common.Column("weak_forward", "weak eff.", ratio),

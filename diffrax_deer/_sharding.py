@@ -129,7 +129,7 @@ class TimeSharding(eqx.Module):
 
 def time_sharding(mesh: Mesh | None, axis_name: str | None, who: str) -> TimeSharding | None:
     """The `TimeSharding` of `who(mesh=..., axis_name=...)`, checked; None without a
-    mesh."""
+    mesh, or when its axis has one device."""
     if mesh is None:
         if axis_name is not None:
             raise ValueError(f"`{who}(axis_name=...)` needs `mesh=`.")
@@ -151,6 +151,8 @@ def time_sharding(mesh: Mesh | None, axis_name: str | None, who: str) -> TimeSha
             f"`{who}(axis_name={axis_name!r})` is not an axis of the mesh "
             f"{mesh.axis_names}."
         )
+    if mesh.shape[axis_name] == 1:
+        return None  # one device along time: nothing to shard
     # XLA's partitioner places the pointwise work ("auto" axes); `jax.make_mesh`'s
     # default "explicit" axes would make every array's sharding part of its type.
     auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)

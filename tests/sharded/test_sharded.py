@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType
 
 import diffrax_deer
 
@@ -225,3 +226,11 @@ def test_errors():
         diffrax_deer.DEER(mesh=mesh(), axis_name="space")
     with pytest.raises(ValueError, match="needs `mesh=`"):
         diffrax_deer.scan(lambda c, x: (c, x), jnp.zeros(1), XS, axis_name="time")
+    # Inside `jax.set_mesh` of a mesh with explicit axes: a clear error.
+    explicit = jax.make_mesh((P,), ("time",), axis_types=(AxisType.Explicit,))
+    step = lambda c, x: (0.5 * c + x[:1], c)
+    with jax.set_mesh(explicit), pytest.raises(ValueError, match="set_mesh"):
+        diffrax_deer.scan(step, jnp.zeros(1), XS, mesh=explicit)
+    # A mesh with one device along time: the single-device code.
+    one = jax.make_mesh((1,), ("time",))
+    assert_same(diffrax_deer.scan(step, jnp.zeros(1), XS, mesh=one), jax.lax.scan(step, jnp.zeros(1), XS))
