@@ -45,9 +45,11 @@ def main():
         return jnp.sum(final) + jnp.sum(ys**2)
 
     errors = []
-    for fn, arg in ((deer, 2.0), (gru, xs)):
-        value = jax.jit(jax.value_and_grad(ft.partial(fn, mesh)))(arg)
-        local = jax.jit(jax.value_and_grad(ft.partial(fn, None)))(arg)
+    # DEER's value; the scan's value and gradient (with respect to the sharded `xs`).
+    for fn, arg, grad in ((deer, 2.0, False), (gru, xs, True)):
+        transform = jax.value_and_grad if grad else lambda f: f
+        value = jax.jit(transform(ft.partial(fn, mesh)))(arg)
+        local = jax.jit(transform(ft.partial(fn, None)))(arg)
         # Gather the pieces (the gradient with respect to `xs` is sharded).
         value = multihost_utils.process_allgather(value, tiled=True)
         pairs = zip(jax.tree_util.tree_leaves(value), jax.tree_util.tree_leaves(local), strict=True)
