@@ -1,6 +1,10 @@
 """Sequence parallelism, run in processes of their own: the sharded tests
 (`tests/sharded/test_sharded.py`) need 4 host devices, set by `XLA_FLAGS` before JAX
-starts; the multi-host test needs two `jax.distributed` processes."""
+starts; the multi-host test needs two `jax.distributed` processes.
+
+The processes start when the session's collection finishes (`conftest.py` calls
+`start_background`), so that they run on the second core while the rest of the suite
+compiles on the first (JAX compiles on one core); the tests here wait for them."""
 
 import os
 import pathlib
@@ -11,6 +15,7 @@ import sys
 
 HERE = pathlib.Path(__file__).parent
 ROOT = HERE.parent
+_STARTED: dict[str, list[subprocess.Popen]] = {}
 
 
 def _env(**extra) -> dict[str, str]:
@@ -20,12 +25,11 @@ def _env(**extra) -> dict[str, str]:
     return env
 
 
-def test_sharded_on_four_devices():
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sharded"]
-    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+def _spawn(command: list[str], **env) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )
 
 
 def _free_port() -> int:
@@ -34,20 +38,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes():
+def _start_four_devices() -> list[subprocess.Popen]:
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sharded"]
+    return [_spawn(command, XLA_FLAGS="--xla_force_host_platform_device_count=4")]
+
+
+def _start_two_processes() -> list[subprocess.Popen]:
     # `jax.distributed` on localhost: two processes of one CPU device each, JAX's CPU
     # collectives between them; each checks the sharded solves against its own.
     worker = str(HERE / "sharded" / "distributed_worker.py")
     port = str(_free_port())
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, worker, str(i), port], env=env, cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-4000:]
+    flags = "--xla_force_host_platform_device_count=1"
+    return [_spawn([sys.executable, worker, str(i), port], XLA_FLAGS=flags) for i in range(2)]
+
+
+_STARTERS = {"four_devices": _start_four_devices, "two_processes": _start_two_processes}
+
+
+def start_background(names) -> None:
+    for name in names:
+        if name not in _STARTED:
+            _STARTED[name] = _STARTERS[name]()
+
+
+def _outputs(name: str) -> list[tuple[int, str]]:
+    start_background([name])
+    procs = _STARTED.pop(name)
+    outputs = [p.communicate(timeout=1200)[0] for p in procs]
+    return [(p.returncode, out) for p, out in zip(procs, outputs, strict=True)]
+
+
+def test_sharded_on_four_devices():
+    [(returncode, out)] = _outputs("four_devices")
+    assert returncode == 0, out[-8000:]
+    assert " passed" in out and "skipped" not in out, out[-2000:]
+
+
+def test_two_processes():
+    for returncode, out in _outputs("two_processes"):
+        assert returncode == 0, out[-4000:]
         assert "errors" in out, out[-2000:]
