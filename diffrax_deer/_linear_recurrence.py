@@ -237,7 +237,7 @@ def associative_scan(
 
 def _sharded_associative_scan(fn, elems, method: Method, sharding: TimeSharding):
     T = jtu.tree_leaves(elems)[0].shape[0]
-    padded, _ = sharding.pad(elems)
+    padded = sharding.pad(elems)
 
     def local(elems, _):
         prefixes = associative_scan(fn, elems, method)
@@ -368,7 +368,7 @@ def _sharded_linear_recurrence(A, b, x0, transpose: bool, method: Method, shardi
     exchange."""
     T, D = b.shape
     diagonal = A.ndim == b.ndim
-    (A, b), _ = sharding.pad((A, b))  # zero maps: no effect on the states before
+    A, b = sharding.pad((A, b))  # zero maps: no effect on the states before
     x0 = jnp.zeros(D, b.dtype) if x0 is None else x0
 
     def local(slices, x0):

@@ -58,43 +58,23 @@ class TimeSharding(eqx.Module):
         sharding = NamedSharding(self.mesh, self.spec)
         return jtu.tree_map(lambda x: lax.with_sharding_constraint(x, sharding), tree)
 
-    def pad(self, tree: PyTree[Array], edge: bool = False) -> tuple[PyTree[Array], int]:
-        """`tree`'s arrays padded at the end of the time axis to a multiple of the
-        number of shards (with zeros, or with the last entry if `edge`), and the
-        padded length."""
+    def pad(self, tree: PyTree[Array]) -> PyTree[Array]:
+        """`tree`'s arrays padded with zeros at the end of the time axis to a multiple
+        of the number of shards."""
         T = jtu.tree_leaves(tree)[0].shape[0]
-        padded = -(-T // self.num_shards) * self.num_shards
+        pad = -T % self.num_shards
+        return jtu.tree_map(lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), tree)
 
-        def pad(x):
-            if padded == T:
-                return x
-            width = [(0, padded - T)] + [(0, 0)] * (x.ndim - 1)
-            return jnp.pad(x, width, mode="edge" if edge else "constant")
-
-        return jtu.tree_map(pad, tree), padded
-
-    def pad_edge(self, tree: PyTree[Array]) -> tuple[PyTree[Array], int]:
-        """`pad` with the last entry repeated."""
-        return self.pad(tree, edge=True)
-
-    def map(
-        self,
-        fn: Callable,
-        sharded: PyTree[Array],
-        replicated: PyTree[Array] = (),
-        reduced: bool = False,
-    ):
+    def map(self, fn: Callable, sharded: PyTree[Array], replicated: PyTree[Array] = ()):
         """`fn(sharded_slice, replicated)` on each device, under `jax.shard_map`: the
         leading axis of `sharded` split over `axis_name`, `replicated` whole on every
-        device; the outputs are time-major and concatenated along time. With
-        `reduced`, `fn` returns `(total, per_point)`, `total` the same on every device
-        (e.g. summed by `jax.lax.psum`) and returned once."""
+        device; the outputs are time-major and concatenated along time."""
         _check_context()
         return jax.shard_map(
             fn,
             mesh=self.mesh,
             in_specs=(self.spec, PartitionSpec()),
-            out_specs=(PartitionSpec(), self.spec) if reduced else self.spec,
+            out_specs=self.spec,
             check_vma=False,
         )(sharded, replicated)
 

@@ -25,7 +25,7 @@ from ._root_finder import (
     solve_trajectory,
 )
 from ._runge_kutta import as_discretisation
-from ._sharding import time_sharding
+from ._sharding import time_sharding, TimeSharding
 
 
 class DEERState(eqx.Module):
@@ -218,7 +218,12 @@ class DEER(diffrax.AbstractAdaptiveSolver):
         _ = self.resolved_root_finder
         as_initial_guess(self.initial_guess)
         as_discretisation(self.discretisation)
-        time_sharding(self.mesh, self.axis_name, "DEER")
+        _ = self.time_sharding
+
+    @property
+    def time_sharding(self) -> TimeSharding | None:
+        """The sharding of each window's grid (`mesh`, `axis_name`), checked."""
+        return time_sharding(self.mesh, self.axis_name, "DEER")
 
     @property
     def resolved_root_finder(self) -> AbstractTrajectoryRootFinder:
@@ -281,7 +286,7 @@ class DEER(diffrax.AbstractAdaptiveSolver):
         problem = as_discretisation(self.discretisation).window(
             terms=terms, args=args, t0=jnp.asarray(t0), t1=jnp.asarray(t1), y0=y0_flat,
             flattener=flattener, num_points=self.num_points, jacobian=finder.jacobian,
-            time_sharding=time_sharding(self.mesh, self.axis_name, "DEER"),
+            time_sharding=self.time_sharding,
         )
         guess, coarse_iters = as_initial_guess(self.initial_guess)(problem, finder, self.max_iters)
         ys, stats = solve_trajectory(problem, guess, finder, self.max_iters)
