@@ -222,6 +222,81 @@ _frechet_p = eqxi.create_vprim(
 
 
 #
+# The Fréchet derivative of (e^X, phi_1(X) z) in (X, z), a primitive linear in the
+# direction (tX, tz): forward mode through the evaluation of the n x n matrices and the
+# vector themselves, not of the (n + 1) x (n + 1) augmented matrix (a quarter of the
+# cost: T = 1e4, n = 4, 2.9 ms against 11 ms on CPU). Its transpose and its own
+# derivative go through the augmented matrix's.
+#
+
+
+def _frechet_phi1_impl_raw(X, z, tX, tz):
+    return jax.jvp(lambda X, z: _taylor_scaling_squaring(X, z), (X, z), (tX, tz))[1]
+
+
+@eqxi.filter_primitive_def
+def _frechet_phi1_impl(X, z, tX, tz):
+    return list(_frechet_phi1_impl_raw(X, z, tX, tz))
+
+
+@eqxi.filter_primitive_def
+def _frechet_phi1_abstract_eval(X, z, tX, tz):
+    del X, z
+    shaped = jax.core.ShapedArray  # pyright: ignore[reportAttributeAccessIssue]
+    return [shaped(tX.shape, tX.dtype), shaped(tz.shape, tz.dtype)]
+
+
+def _frechet_phi1(X: Array, z: Array, tX: Array, tz: Array) -> tuple[Array, Array]:
+    tX, tz = batched_like((tX, tz), X)
+    L_E, L_w = eqxi.filter_primitive_bind(_frechet_phi1_p, X, z, tX, tz)
+    return L_E, L_w
+
+
+def _augmented_blocks(L: Array, n: int) -> tuple[Array, Array]:
+    return L[..., :n, :n], L[..., :n, n]
+
+
+@eqxi.filter_primitive_jvp
+def _frechet_phi1_jvp(primals, tangents):
+    X, z, tX, tz = primals
+    n = X.shape[-1]
+    out = _frechet_phi1(X, z, tX, tz)
+    zeros = lambda t, x: jnp.zeros_like(x) if t is None else t
+    dX, dz, dtX, dtz = map(zeros, tangents, primals)
+    # As `_frechet_jvp`, for the augmented matrices.
+    m = n + 1
+    block = _frechet(
+        _block(_augment(X, z), _augment(tX, tz)), _block(_augment(dX, dz), _augment(dtX, dtz))
+    )
+    return out, list(_augmented_blocks(block[..., :m, m:], n))
+
+
+@eqxi.filter_primitive_transpose(materialise_zeros=True)  # pyright: ignore[reportCallIssue]
+def _frechet_phi1_transpose(inputs, cts_out):
+    X, z, tX, tz = inputs
+    if is_undefined(X) or is_undefined(z):
+        raise NotImplementedError(
+            "The Fréchet derivative of the matrix exponential is linear in its "
+            "direction only."
+        )
+    G, g = cts_out
+    n = X.shape[-1]
+    # The transpose of (tX, tz) -> blocks of L(M)[aug(tX, tz)], M = aug(X, z).
+    L = _frechet(jnp.swapaxes(_augment(X, z), -1, -2), _augment(G, g))
+    ct_X, ct_z = _augmented_blocks(L, n)
+    return None, None, ct_X, ct_z
+
+
+_frechet_phi1_p = eqxi.create_vprim(
+    "diffrax_deer_expm_phi1_frechet",
+    _frechet_phi1_impl,
+    _frechet_phi1_abstract_eval,
+    _frechet_phi1_jvp,
+    _frechet_phi1_transpose,
+)
+
+
+#
 # Public(ish) functions.
 #
 
@@ -258,10 +333,7 @@ def expm_phi1(
 def _expm_phi1_jvp(primals, tangents):
     X, z = primals
     tX, tz = tangents
-    n = X.shape[-1]
-    out = expm_phi1(X, z)
-    L = _frechet(_augment(X, z), _augment(tX, tz))
-    return out, (L[..., :n, :n], L[..., :n, n])
+    return expm_phi1(X, z), _frechet_phi1(X, z, tX, tz)
 
 
 @jax.custom_jvp
