@@ -260,7 +260,7 @@ def _augmented_blocks(L: Array, n: int) -> tuple[Array, Array]:
 def _frechet_phi1_jvp(primals, tangents):
     X, z, tX, tz = primals
     n = X.shape[-1]
-    out = _frechet_phi1(X, z, tX, tz)
+    out = list(_frechet_phi1(X, z, tX, tz))
     zeros = lambda t, x: jnp.zeros_like(x) if t is None else t
     dX, dz, dtX, dtz = map(zeros, tangents, primals)
     # As `_frechet_jvp`, for the augmented matrices.
