@@ -1,3 +1,5 @@
+import os
+
 import jax
 
 
@@ -7,9 +9,26 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+def _under_xdist() -> bool:
+    return "PYTEST_XDIST_WORKER" in os.environ
+
+
+def pytest_collection_modifyitems(config, items):
+    # Under pytest-xdist (the default, `-n auto` in pyproject.toml: JAX compiles on one
+    # core, so two workers halve the suite on two cores), the subprocess-based tests go
+    # first: the worker that takes them waits on their processes while the others run
+    # the rest of the suite.
+    if _under_xdist():
+        items.sort(key=lambda item: not item.module.__name__.endswith("test_sharding"))
+
+
 def pytest_collection_finish(session):
-    # Start the subprocess-based tests of `tests/test_sharding.py` that were collected,
-    # to run alongside the rest of the suite (see that module).
+    # Without xdist, start the subprocess-based tests of `tests/test_sharding.py` that
+    # were collected, to run alongside the rest of the suite (see that module). Under
+    # xdist every worker collects every test, so each test starts its own processes
+    # when it runs instead.
+    if _under_xdist():
+        return
     names = {
         item.name.removeprefix("test_").removeprefix("sharded_on_")
         for item in session.items

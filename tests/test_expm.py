@@ -75,6 +75,12 @@ def test_derivatives_forward_reverse_second_order():
     hvp = jax.jvp(lambda X: jax.grad(loss)(X, z), (X,), (tX,))[1]
     hfd = (jax.grad(loss)(X + eps * tX, z) - jax.grad(loss)(X - eps * tX, z)) / (2 * eps)
     np.testing.assert_allclose(hvp, hfd, rtol=1e-5, atol=1e-5 * jnp.max(jnp.abs(hfd)))
+    # second order, forward-over-forward (the jvp rule's own jvp): the second directional
+    # derivative against central differences of the first
+    d1 = lambda X, z: jax.jvp(loss, (X, z), (tX, tz))[1]
+    d2 = jax.jvp(d1, (X, z), (tX, tz))[1]
+    d2_fd = (d1(X + eps * tX, z + eps * tz) - d1(X - eps * tX, z - eps * tz)) / (2 * eps)
+    np.testing.assert_allclose(d2, d2_fd, rtol=1e-6)
     # gradient of expm agrees with scipy's
     g = jax.grad(lambda X: jnp.sum(expm(X) * tX))(X)
     g_ref = jax.grad(lambda X: jnp.sum(jax.vmap(jsl.expm)(X) * tX))(X)

@@ -39,7 +39,10 @@ def _free_port() -> int:
 
 
 def _start_four_devices() -> list[subprocess.Popen]:
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sharded"]
+    command = [
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
+        "tests/sharded",
+    ]
     return [_spawn(command, XLA_FLAGS="--xla_force_host_platform_device_count=4")]
 
 
