@@ -1,6 +1,10 @@
 import os
 
-import jax
+
+# Several pytest-xdist workers may share one GPU: none may take most of its memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
 
 
 # Run like diffrax's own test suite: float64 by default, and no implicit rank promotion
