@@ -2,9 +2,11 @@
 (`tests/sharded/test_sharded.py`) need 4 host devices, set by `XLA_FLAGS` before JAX
 starts; the multi-host test needs two `jax.distributed` processes.
 
-The processes start when the session's collection finishes (`conftest.py` calls
-`start_background`), so that they run on the second core while the rest of the suite
-compiles on the first (JAX compiles on one core); the tests here wait for them."""
+In one pytest process (`-n 0`) the processes start when the session's collection
+finishes (`conftest.py` calls `start_background`), so that they run on the second core
+while the rest of the suite compiles on the first (JAX compiles on one core). Under
+pytest-xdist (the default) these tests are sorted first and start their processes when
+they run, in the worker that takes them. Either way the tests here wait for them."""
 
 import os
 import pathlib
