@@ -31,6 +31,7 @@ from ._discretisation import (
 from ._expm import (
     exp_phi1_diagonal as exp_phi1_diagonal,
     expm as expm,
+    expm_action as expm_action,
     expm_phi1 as expm_phi1,
 )
 from ._implicit import ImplicitTrajectoryAdjoint as ImplicitTrajectoryAdjoint

@@ -38,11 +38,11 @@ from equinox.internal import ω
 from jaxtyping import Array, Float, PyTree, Real
 
 from ._batched import matvec
-from ._expm import exp_phi1_diagonal, expm_phi1
+from ._expm import exp_phi1_diagonal, expm_action, expm_phi1
 from ._interpolation import HermiteGridInterpolation
 from ._jacobian import value_and_jacobian
 from ._misc import TreeFlattener
-from ._newton import AbstractTrajectoryProblem
+from ._newton import AbstractTrajectoryProblem, previous_states
 from ._sharding import TimeSharding
 
 
@@ -186,7 +186,8 @@ class ExponentialScheme(AbstractWindowScheme):
         dense_info = dict(ts=self.ts, ys=unravel(ys_full), fs=unravel(fs))
         return dense_info, self.defect_error(ys_full, fs)
 
-    def linearise(self, ys):
+    def _interval_averages(self, ys):
+        r"""$(\bar J_k, \bar h_k)$ of every interval (see the module doc)."""
         ys_full = jnp.concatenate([self.y0[None], ys])
         F, J = value_and_jacobian(
             self._increment, self.ts, ys_full, self.jacobian, self.time_sharding
@@ -197,10 +198,24 @@ class ExponentialScheme(AbstractWindowScheme):
         # Materialise the interval averages: otherwise XLA may fuse (and so repeat) the
         # vector field's Jacobian into every use inside the exponential (measured 1.7x
         # slower on CPU for a 3-D problem).
-        X, z = lax.optimization_barrier((X, z))
+        return lax.optimization_barrier((X, z))
+
+    def linearise(self, ys):
+        X, z = self._interval_averages(ys)
         if self.jacobian == "dense":
             return expm_phi1(X, z)
         return exp_phi1_diagonal(X, z)
+
+    def residual(self, ys):
+        r"""$r_k = y_k - e^{\bar J_{k-1}} y_{k-1} - \varphi_1(\bar J_{k-1})\,
+        \bar h_{k-1}$. With dense Jacobians by `expm_action`, whose derivatives (the
+        implicit derivative's products) take matrix-vector products only (measured, CPU,
+        py3.11: the reverse-mode implicit derivative of the neural ODE at T = 1e4,
+        D = 4, 30.8 -> 26.4 ms; training gradient D = 16, T = 1e3, 10-20% faster)."""
+        if self.jacobian != "dense":
+            return super().residual(ys)
+        X, z = self._interval_averages(ys)
+        return ys - expm_action(X, z, previous_states(self.y0, ys))
 
 
 class AbstractDiscretisation(eqx.Module):

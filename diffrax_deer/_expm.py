@@ -32,10 +32,11 @@ import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 from jaxtyping import Array, Float
 
 from ._batched import matmul, matvec
-from ._misc import batched_like, is_undefined
+from ._misc import batched_like, cotangents_for, is_undefined
 
 
 @ft.cache
@@ -297,6 +298,149 @@ _frechet_phi1_p = eqxi.create_vprim(
 
 
 #
+# The action e^X y + phi_1(X) z, with derivatives by Krylov vectors (see `expm_action`).
+#
+
+
+def _action_degree(dtype) -> int:
+    # One term more than the matrix polynomial's: the action's truncation error is then
+    # below the unit roundoff relative to ||X y + z|| (see `expm_action`).
+    return _degree_and_theta(dtype)[0] + 1
+
+
+def _needs_squaring(X: Array) -> Array:
+    """Per matrix, whether `_taylor_scaling_squaring` scales and squares it."""
+    return norm1(X) > _degree_and_theta(X.dtype)[1]
+
+
+def _krylov(X, z, y, degree):
+    """The vectors `g_i = y/(i+1)! + sum_b X^(b-1) u/(i+b+1)!` (`i = 0..degree-1`,
+    `b = 1..degree-1-i`, `u = X y + z`): the top blocks of `gamma_i` in
+    `expm_action`. (Unrolled: as a loop with stacked contractions it measured 2-3x
+    slower on CPU.)"""
+    u = matvec(X, y) + z
+    powers = [u]  # X^(b-1) u
+    for _ in range(degree - 2):
+        powers.append(matvec(X, powers[-1]))
+    f = math.factorial
+    return [
+        ft.reduce(
+            operator.add,
+            [y / f(i + 1)] + [powers[b - 1] / f(i + b + 1) for b in range(1, degree - i)],
+        )
+        for i in range(degree)
+    ]
+
+
+def _action_general(X, z, y):
+    E, w = expm_phi1(X, z)
+    return matvec(E, y) + w
+
+
+def _where_needed(needed, general, value):
+    """`value` with the matrices where `needed` replaced by `general()`'s, which is
+    evaluated only if one needs it: a loop of at most one trip (under `vmap` too, where
+    `lax.cond` would evaluate both branches)."""
+
+    def body(carry):
+        _, value = carry
+        out = general()
+        select = lambda g, v: jnp.where(needed.reshape(needed.shape + (1,) * (g.ndim - needed.ndim)), g, v)
+        return jnp.array(True), jtu.tree_map(select, out, value)
+
+    start = (jnp.invert(jnp.any(needed)), value)
+    return lax.while_loop(lambda carry: jnp.invert(carry[0]), body, start)[1]
+
+
+def _action(X, z, y):
+    # The value (its derivatives never need it: XLA drops it from them) by the
+    # exponentials themselves, one trace, no branch.
+    E, w = _taylor_scaling_squaring(X, z)
+    return matvec(E, y) + cast(Array, w)
+
+
+def _action_tangent_impl_raw(X, z, y, tX, tz, ty):
+    needed = _needs_squaring(X)
+    X_small = jnp.where(needed[..., None, None], 0, X)
+    degree = _action_degree(X.dtype)
+    g = _krylov(X_small, z, y, degree)
+    f = math.factorial
+    # sum_i X^i (tX g_i + tz/(i+1)! + ty/i!) + X^degree ty/degree!, by Horner.
+    acc = ty / f(degree)
+    for i in range(degree - 1, -1, -1):
+        acc = matvec(X_small, acc) + matvec(tX, g[i]) + tz / f(i + 1) + ty / f(i)
+    general = lambda: jax.jvp(_action_general, (X, z, y), (tX, tz, ty))[1]
+    return _where_needed(needed, general, acc)
+
+
+def _action_transpose_raw(X, z, y, ct):
+    needed = _needs_squaring(X)
+    X_small = jnp.where(needed[..., None, None], 0, X)
+    degree = _action_degree(X.dtype)
+    g = _krylov(X_small, z, y, degree)
+    f = math.factorial
+    # The transpose of the tangent above, term by term, with a_i = (X^T)^i ct.
+    Xt = jnp.swapaxes(X_small, -1, -2)
+    a = [ct]
+    for _ in range(degree):
+        a.append(matvec(Xt, a[-1]))
+    outer = lambda i: a[i][..., :, None] * g[i][..., None, :]
+    ct_X = ft.reduce(operator.add, [outer(i) for i in range(degree)])
+    ct_z = ft.reduce(operator.add, [a[i] / f(i + 1) for i in range(degree)])
+    ct_y = ft.reduce(operator.add, [a[i] / f(i) for i in range(degree + 1)])
+    general = lambda: jax.vjp(_action_general, X, z, y)[1](ct)
+    return _where_needed(needed, general, (ct_X, ct_z, ct_y))
+
+
+@eqxi.filter_primitive_def
+def _action_tangent_impl(X, z, y, tX, tz, ty):
+    return [_action_tangent_impl_raw(X, z, y, tX, tz, ty)]
+
+
+@eqxi.filter_primitive_def
+def _action_tangent_abstract_eval(X, z, y, tX, tz, ty):
+    del X, z, tX, tz, ty
+    return [jax.core.ShapedArray(y.shape, y.dtype)]  # pyright: ignore[reportAttributeAccessIssue]
+
+
+@eqxi.filter_primitive_jvp
+def _action_tangent_jvp(primals, tangents):
+    # Second order (not on the implicit derivative's path): through the general form.
+    zeros = lambda t, x: jnp.zeros_like(x) if t is None else t
+    tangents = tuple(map(zeros, tangents, primals))
+    out = _action_tangent(*primals)
+    general = lambda X, z, y, tX, tz, ty: jax.jvp(_action_general, (X, z, y), (tX, tz, ty))[1]
+    return [out], [jax.jvp(general, primals, tangents)[1]]
+
+
+@eqxi.filter_primitive_transpose(materialise_zeros=True)  # pyright: ignore[reportCallIssue]
+def _action_tangent_transpose(inputs, cts_out):
+    X, z, y, tX, tz, ty = inputs
+    if any(is_undefined(x) for x in (X, z, y)):
+        raise NotImplementedError(
+            "The derivative of the exponential's action is linear in its direction only."
+        )
+    (ct,) = cts_out
+    grads = _action_transpose_raw(X, z, y, ct)
+    return (None, None, None, *cotangents_for((tX, tz, ty), grads))
+
+
+_action_tangent_p = eqxi.create_vprim(
+    "diffrax_deer_expm_action_tangent",
+    _action_tangent_impl,
+    _action_tangent_abstract_eval,
+    _action_tangent_jvp,
+    _action_tangent_transpose,
+)
+
+
+def _action_tangent(X, z, y, tX, tz, ty):
+    tX, tz, ty = batched_like((tX, tz, ty), X)
+    (out,) = eqxi.filter_primitive_bind(_action_tangent_p, X, z, y, tX, tz, ty)
+    return out
+
+
+#
 # Public(ish) functions.
 #
 
@@ -360,3 +504,44 @@ def exp_phi1_diagonal(
     safe_x = jnp.where(small, 1.0, x)
     phi = jnp.where(small, 1 + x / 2 + x**2 / 6, jnp.expm1(safe_x) / safe_x)
     return jnp.exp(x), phi * z
+
+
+@jax.custom_jvp
+def expm_action(
+    X: Float[Array, "*batch n n"], z: Float[Array, "*batch n"], y: Float[Array, "*batch n"]
+) -> Float[Array, "*batch n"]:
+    r"""Returns $e^X y + \varphi_1(X) z$, batched over leading axes: the exponential
+    scheme's step (its value is `expm_phi1`'s), with derivatives by matrix-vector
+    products.
+
+    The step is the top block of $e^M v$ with $M = \begin{pmatrix} X & z \\ 0 & 0
+    \end{pmatrix}$ and $v = (y, 1)$. Where $\|X\|_1$ is below `expm_phi1`'s Taylor
+    bound (no scaling and squaring: the usual case on a fine grid), the derivatives are
+    those of the Taylor polynomial $p(M) v = \sum_{j \le m} M^j v / j!$ (degree $m$ one
+    above `expm_phi1`'s, so that it agrees with $e^M v$ to the unit roundoff). With the
+    Krylov vectors $\beta_b = M^b v$,
+
+    $$\mathrm{d}\,(p(M) v) = p(M)\,\mathrm{d}v + \sum_{i < m} M^i\, \mathrm{d}M\,
+    \gamma_i, \qquad \gamma_i = \sum_{b < m - i} \frac{\beta_b}{(i + b + 1)!},$$
+
+    and the transpose of that map sends a cotangent $\lambda$ to
+    $\bar M = \sum_i \alpha_i \gamma_i^\top$, $\bar v = \sum_j \alpha_j / j!$ with
+    $\alpha_i = (M^\top)^i \lambda$: a sum of outer products, $O(m n^2)$ per matrix
+    where the Fréchet derivative of $e^M$ takes $O(n^3)$ (reverse mode, CPU, T = 1e4,
+    n = 4: 0.8 ms against 10-12 ms). Matrices that need squaring, if any, go through
+    `expm_phi1`'s Fréchet derivative. Differentiable in forward and reverse mode, to
+    any order (second derivatives through `expm_phi1`'s).
+
+    !!! example
+
+        ```python
+        X = jnp.array([[0.0, 1.0], [-1.0, 0.0]])
+        y1 = expm_action(X, jnp.ones(2), jnp.array([1.0, 0.0]))
+        ```
+    """
+    return _action(X, z, y)
+
+
+@expm_action.defjvp
+def _expm_action_jvp(primals, tangents):
+    return expm_action(*primals), _action_tangent(*primals, *tangents)
