@@ -14,7 +14,8 @@ Underneath: the parallel iterations as optimistix root finders of trajectory pro
 ([`diffrax_deer.ParallelNewton`][], [`diffrax_deer.ELK`][], differentiated by
 [`diffrax_deer.ImplicitTrajectoryAdjoint`][]), [`diffrax_deer.linear_recurrence`][]
 (the parallel scan), the batched
-exponentials [`diffrax_deer.expm_phi1`][], the predictability diagnostic
+exponentials [`diffrax_deer.expm_phi1`][] and the scheme's step
+[`diffrax_deer.expm_action`][], the predictability diagnostic
 [`diffrax_deer.lyapunov_exponent`][], and closed-form Jacobian diagonals of equinox's
 recurrent cells for quasi-DEER ([`diffrax_deer.gru_jacobian_diagonal`][],
 [`diffrax_deer.lstm_jacobian_diagonal`][]).
