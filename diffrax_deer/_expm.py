@@ -359,25 +359,31 @@ def _action(X, z, y):
     return matvec(E, y) + cast(Array, w)
 
 
-def _action_tangent_impl_raw(X, z, y, tX, tz, ty):
+def _general_tangent(X, z, y, tX, tz, ty):
+    return jax.jvp(_action_general, (X, z, y), (tX, tz, ty))[1]
+
+
+def _small_krylov(X, z, y):
+    """Which matrices need squaring, `X` with those zeroed (the Krylov path's input),
+    the Taylor degree and the vectors `g_i` of `_krylov`."""
     needed = _needs_squaring(X)
     X_small = jnp.where(needed[..., None, None], 0, X)
     degree = _action_degree(X.dtype)
-    g = _krylov(X_small, z, y, degree)
+    return needed, X_small, degree, _krylov(X_small, z, y, degree)
+
+
+def _action_tangent_impl_raw(X, z, y, tX, tz, ty):
+    needed, X_small, degree, g = _small_krylov(X, z, y)
     f = math.factorial
     # sum_i X^i (tX g_i + tz/(i+1)! + ty/i!) + X^degree ty/degree!, by Horner.
     acc = ty / f(degree)
     for i in range(degree - 1, -1, -1):
         acc = matvec(X_small, acc) + matvec(tX, g[i]) + tz / f(i + 1) + ty / f(i)
-    general = lambda: jax.jvp(_action_general, (X, z, y), (tX, tz, ty))[1]
-    return _where_needed(needed, general, acc)
+    return _where_needed(needed, lambda: _general_tangent(X, z, y, tX, tz, ty), acc)
 
 
 def _action_transpose_raw(X, z, y, ct):
-    needed = _needs_squaring(X)
-    X_small = jnp.where(needed[..., None, None], 0, X)
-    degree = _action_degree(X.dtype)
-    g = _krylov(X_small, z, y, degree)
+    needed, X_small, degree, g = _small_krylov(X, z, y)
     f = math.factorial
     # The transpose of the tangent above, term by term, with a_i = (X^T)^i ct.
     Xt = jnp.swapaxes(X_small, -1, -2)
@@ -409,8 +415,7 @@ def _action_tangent_jvp(primals, tangents):
     zeros = lambda t, x: jnp.zeros_like(x) if t is None else t
     tangents = tuple(map(zeros, tangents, primals))
     out = _action_tangent(*primals)
-    general = lambda X, z, y, tX, tz, ty: jax.jvp(_action_general, (X, z, y), (tX, tz, ty))[1]
-    return [out], [jax.jvp(general, primals, tangents)[1]]
+    return [out], [jax.jvp(_general_tangent, primals, tangents)[1]]
 
 
 @eqxi.filter_primitive_transpose(materialise_zeros=True)  # pyright: ignore[reportCallIssue]
