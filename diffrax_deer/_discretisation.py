@@ -38,7 +38,7 @@ from equinox.internal import ω
 from jaxtyping import Array, Float, PyTree, Real
 
 from ._batched import matvec
-from ._expm import exp_phi1_diagonal, expm_action, expm_phi1
+from ._expm import exp_phi1_diagonal, expm, expm_action, expm_phi1
 from ._interpolation import HermiteGridInterpolation
 from ._jacobian import value_and_jacobian
 from ._misc import TreeFlattener
@@ -212,10 +212,25 @@ class ExponentialScheme(AbstractWindowScheme):
         implicit derivative's products) take matrix-vector products only (measured, CPU,
         py3.11: the reverse-mode implicit derivative of the neural ODE at T = 1e4,
         D = 4, 30.8 -> 26.4 ms; training gradient D = 16, T = 1e3, 10-20% faster)."""
-        if self.jacobian != "dense":
-            return super().residual(ys)
         X, z = self._interval_averages(ys)
-        return ys - expm_action(X, z, previous_states(self.y0, ys))
+        return self._residual(X, z, ys)
+
+    def residual_and_transitions(self, ys):
+        """The residual and the transitions $e^{\bar J_{k-1}}$ from one evaluation of
+        the vector field's Jacobians (measured, CPU, py3.11: forward-mode gradients
+        2-15% faster than from two, e.g. the neural ODE at T = 1e4, D = 4, 93 -> 79 ms;
+        no faster in reverse mode, where it is not used)."""
+        X, z = self._interval_averages(ys)
+        X_fixed = lax.stop_gradient(X)
+        transitions = expm(X_fixed) if self.jacobian == "dense" else jnp.exp(X_fixed)
+        return self._residual(X, z, ys), transitions
+
+    def _residual(self, X, z, ys):
+        prev = previous_states(self.y0, ys)
+        if self.jacobian == "dense":
+            return ys - expm_action(X, z, prev)
+        A, b = exp_phi1_diagonal(X, z)
+        return ys - (A * prev + b)
 
 
 class AbstractDiscretisation(eqx.Module):

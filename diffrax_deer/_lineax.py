@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -103,8 +104,8 @@ class TrajectoryJacobianOperator(lx.AbstractLinearOperator):
 
     **Fields:**
 
-    - `jacobian`: the exact products, a `lineax.JacobianLinearOperator` of the residual
-        (or its transpose, or their linearisation).
+    - `jacobian`: the exact products, a `lineax.FunctionLinearOperator` of the
+        residual's linearisation (or its transpose).
     - `transitions`: $A_k$, `(T, D, D)` or diagonal `(T, D)`.
     - `exact`: whether $x_k - A_k x_{k-1}$ *is* $L$ (then one scan solves).
     - `transposed`: whether this is $L^\top$.
@@ -141,22 +142,18 @@ class TrajectoryJacobianOperator(lx.AbstractLinearOperator):
         )
 
 
-def _residual(ys, problem):
-    return problem.residual(ys)
-
-
 def trajectory_jacobian(
-    problem: AbstractTrajectoryProblem,
-    ys: Float[Array, "T D"],
-    transitions: Array | None = None,
+    problem: AbstractTrajectoryProblem, ys: Float[Array, "T D"]
 ) -> TrajectoryJacobianOperator:
-    """The `TrajectoryJacobianOperator` of `problem` at `ys`, with the transitions of
-    `problem.linearise(ys)` unless given."""
-    if transitions is None:
-        transitions, _ = problem.linearise(ys)
+    """The `TrajectoryJacobianOperator` of `problem` at `ys`: its exact products and its
+    transitions from one linearisation of `problem.residual_and_transitions` (for the
+    exponential scheme, one evaluation of the vector field's Jacobians serves both)."""
+    _, products, transitions = jax.linearize(
+        problem.residual_and_transitions, ys, has_aux=True
+    )
     return TrajectoryJacobianOperator(
-        lx.JacobianLinearOperator(_residual, ys, problem),
-        lax.stop_gradient(transitions),
+        lx.FunctionLinearOperator(products, jax.eval_shape(lambda: ys)),
+        transitions,
         exact=bool(problem.exact_jacobian),
         sharding=problem.time_sharding,
     )

@@ -81,6 +81,17 @@ class AbstractTrajectoryProblem(eqx.Module):
         A, b = self.linearise(ys)
         return model_residual(A, b, self.init, ys)
 
+    def residual_and_transitions(
+        self, ys: Float[Array, "T D"]
+    ) -> tuple[Float[Array, "T D"], Float[Array, "T D D"] | Float[Array, "T D"]]:
+        """The residual at `ys` and, not differentiated, the transitions of the
+        linearisation there: what the implicit derivative needs at the converged
+        trajectory (its exact products and its preconditioner). This default computes
+        them apart; a problem whose residual is built from what its transitions are
+        made from (the exponential scheme: the vector field's Jacobian) shares it."""
+        transitions, _ = self.linearise(lax.stop_gradient(ys))
+        return self.residual(ys), lax.stop_gradient(transitions)
+
 
 class NewtonStats(eqx.Module):
     """Diagnostics of one parallel Newton solve.
