@@ -38,8 +38,11 @@ class AbstractTrajectoryProblem(eqx.Module):
     the next Newton iterate), and two flags: `exact_jacobian`, whether that
     linearisation is the exact Jacobian of `residual` (then the implicit derivative is
     one scan), and `explicit_recurrence`, whether $\\Phi_k$ depends on $y_{k-1}$ only
-    (then $T$ Newton steps reach the solution from any guess). For explicit recurrences
-    see [`diffrax_deer.AbstractExplicitRecurrence`][].
+    (then $T$ Newton steps reach the solution from any guess). They may override
+    `residual` (by default read off the linearisation) and `residual_and_transitions`
+    (what forward-mode implicit differentiation evaluates at the solution) where those
+    are cheaper to compute directly. For explicit recurrences see
+    [`diffrax_deer.AbstractExplicitRecurrence`][].
     """
 
     @property
