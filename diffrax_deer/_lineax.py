@@ -33,7 +33,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, Bool, Float, PyTree
 
 from ._linear_recurrence import solve_linear_recurrence
 from ._misc import error_if
@@ -64,6 +64,7 @@ def refine(
     *,
     rtol: float,
     max_steps: int,
+    start: tuple[Float[Array, "T D"], PyTree, Bool[Array, ""]] | None = None,
 ) -> tuple[Float[Array, "T D"], PyTree, Array]:
     r"""Solves $L x = v$ by $x \leftarrow x + \tilde L^{-1}(v - L x)$ from
     $x = \tilde L^{-1} v$, until a correction is below `rtol` relative to $x$ (at most
@@ -71,10 +72,17 @@ def refine(
     it (e.g. the parameters' part of the same backward pass), returned for the last
     $x$ it was applied to. Raises at run time if the iteration does not converge.
 
+    `start = (x, aux, converged)` continues from there instead (nothing more is done
+    where `converged`).
+
     Returns $x$, that by-product, and the number of products with $L$ taken."""
-    x = precondition(vector)
-    aux_struct = eqx.filter_eval_shape(lambda x: apply(x)[1], x)
-    aux = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux_struct)
+    if start is None:
+        x = precondition(vector)
+        aux_struct = eqx.filter_eval_shape(lambda x: apply(x)[1], x)
+        aux = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux_struct)
+        converged = jnp.array(False)
+    else:
+        x, aux, converged = start
 
     def cond(carry):
         i, _, _, converged = carry
@@ -89,7 +97,7 @@ def refine(
         converged = (size <= rtol * jnp.max(jnp.abs(x))) | jnp.invert(jnp.isfinite(size))
         return i + 1, x, aux, converged
 
-    carry = (jnp.array(0), x, aux, jnp.array(False))
+    carry = (jnp.array(0), x, aux, converged)
     num_steps, x, aux, converged = lax.while_loop(cond, body, carry)
     failed = jnp.invert(converged & jnp.all(jnp.isfinite(x)))
     x = error_if(x, failed, not_converged_message(max_steps))

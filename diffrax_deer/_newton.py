@@ -14,6 +14,7 @@ diagonal ones quasi-DEER. The iterations themselves are optimistix root finders
 """
 
 import abc
+from collections.abc import Callable
 
 import equinox as eqx
 import jax.lax as lax
@@ -83,6 +84,20 @@ class AbstractTrajectoryProblem(eqx.Module):
         """$r_k = y_k - \\Phi_k(y)$. The default reads $\\Phi$ off the linearisation."""
         A, b = self.linearise(ys)
         return model_residual(A, b, self.init, ys)
+
+    def first_order_residual(
+        self, about: Float[Array, "T D"]
+    ) -> Callable[[Float[Array, "T D"], "AbstractTrajectoryProblem"], Float[Array, "T D"]] | None:
+        """Optionally, a function `(ys, problem) -> residual` that agrees with
+        `problem.residual(ys)` at `ys = about` but holds fixed (not differentiated)
+        whatever of the trajectory the linearisation's transitions are made from, so
+        that its derivative with respect to `ys` at `about` is exactly the
+        linearisation's recurrence $y_k - A_k y_{k-1}$. The residual's derivative less
+        this one's is then the part a Newton linearisation leaves out, and the implicit
+        derivative's refinement needs it once instead of at every step (see
+        `_implicit.py`). None (this default): no such split."""
+        del about
+        return None
 
     def residual_and_transitions(
         self, ys: Float[Array, "T D"]

@@ -216,3 +216,44 @@ def test_jacobian_derivatives_match_jax(monkeypatch, chunk):
     want = eqx.filter_jit(lambda p, c: eqx.filter_vjp(ref, *p)[1](c))(primals, cts)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_lagged_refinement_matches_dense_solve(monkeypatch):
+    # The exponential scheme's reverse-mode implicit derivative with one full backward
+    # pass and a first-order correction (`_implicit._lagged`) against the dense
+    # -R^T L^{-T} ybar, and the same with the correction turned off (full steps).
+    from diffrax_deer._discretisation import ExponentialScheme
+    from diffrax_deer._implicit import _transpose
+    from diffrax_deer._initial_guess import coarse_grid_guess
+    from diffrax_deer._misc import TreeFlattener
+    from diffrax_deer._root_finder import ParallelNewton, solve_trajectory
+
+    from .helpers import van_der_pol
+
+    y0 = jnp.array([2.0, 0.0])
+    problem = ExponentialScheme(
+        terms=diffrax.ODETerm(van_der_pol), args=jnp.array(1.0), t0=jnp.array(0.0),
+        t1=jnp.array(1.0), y0=y0, flattener=TreeFlattener(y0), num_points=161,
+        jacobian="dense",
+    )
+    finder = ParallelNewton(rtol=1e-12, atol=1e-12)
+    guess, _ = coarse_grid_guess(problem, finder, 50)
+    ys, _ = solve_trajectory(problem, guess, finder, 50)
+    ct = jnp.cos(jnp.arange(ys.size, dtype=float)).reshape(ys.shape)
+    T, D = ys.shape
+    L = jax.jacfwd(problem.residual)(ys).reshape(T * D, T * D)
+    lam = jnp.linalg.solve(L.T, ct.reshape(-1)).reshape(T, D)
+    _, vjp = eqx.filter_vjp(lambda p: p.residual(ys), problem)
+    expected = -vjp(lam)[0].args
+
+    def run():
+        transpose = eqx.filter_jit(lambda p: _transpose(ys, jnp.array(True), p, ct, 1e-8, T + 1))
+        g, num_steps = transpose(problem)
+        return g.args, int(num_steps)
+
+    lagged, lagged_steps = run()
+    monkeypatch.setattr(ExponentialScheme, "first_order_residual", lambda self, about: None)
+    full, full_steps = run()
+    assert (lagged_steps, full_steps) == (1, 2)  # the correction was needed and taken
+    np.testing.assert_allclose(lagged, expected, rtol=1e-9)
+    np.testing.assert_allclose(full, expected, rtol=1e-9)
