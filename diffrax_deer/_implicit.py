@@ -179,12 +179,8 @@ def _lagged(vjp, first_order, precondition, ys_at, problem, ct, rtol, max_steps)
     # correction is left out: measured 6-8% of the gradient, neural ODE T = 1e4.)
     g_lagged = lax.cond(size <= rtol * scale, lambda _: g, correct, step)
 
-    def apply(lam):
-        return vjp(lam)
-
     lam, g_problem, num_steps = refine(
-        apply, precondition, ct, rtol=rtol, max_steps=max_steps,
-        start=(new, g_lagged, accept),
+        vjp, precondition, ct, rtol=rtol, max_steps=max_steps, start=(new, g_lagged, accept)
     )
     return lam, g_problem, num_steps + 1
 
