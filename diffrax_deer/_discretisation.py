@@ -221,7 +221,7 @@ class ExponentialScheme(AbstractWindowScheme):
         return self._residual(X, z, ys)
 
     def residual_and_transitions(self, ys):
-        """The residual and the transitions $e^{\bar J_{k-1}}$ from one evaluation of
+        r"""The residual and the transitions $e^{\bar J_{k-1}}$ from one evaluation of
         the vector field's Jacobians (measured, CPU, py3.11: forward-mode gradients
         2-15% faster than from two, e.g. the neural ODE at T = 1e4, D = 4, 93 -> 79 ms;
         no faster in reverse mode, where it is not used)."""
