@@ -22,7 +22,8 @@ linearisation is exact).
   vector-Jacobian product of the residual per step), and $R^\top \lambda$. Where the
   residual splits into a first-order part whose derivative is exactly $\tilde L$ and
   the rest (the exponential scheme: the derivative through the vector field's
-  Jacobians), only the first step takes a full backward pass (`_lagged`). With dense
+  Jacobians), a step's parameter part is corrected to first order instead of taking
+  another full backward pass (`_first_order_correction`), so one usually suffices. With dense
   transitions the products are taken with respect to $y$ and $\theta$ at once and the
   last step's $\theta$ part is the answer (the correction it leaves out is within the
   tolerance); with diagonal ones (many steps) $R^\top \lambda$ is one more product at
@@ -125,64 +126,44 @@ def _transpose(ys_at, ok, problem, ct, rtol, max_steps):
         g_ys, g = vjp(lam)
         return g_ys, (g if joint else None)
 
-    # Where the problem splits its residual (the exponential scheme), the second step's
-    # backward pass is a first-order one (see `_lagged`; measured in-process, CPU,
+    # Where the problem splits its residual (the exponential scheme), a step's
+    # parameter cotangent is corrected by a first-order backward pass instead of
+    # another full one (see `_first_order_correction`; measured in-process, CPU,
     # py3.11: Direct gradient mlp16 T = 1e3 63.8 -> 53.9 ms, RC 75.3 -> 64.5 ms; mlp4
     # T = 1e3 9.3 -> 9.1 ms; level where one step suffices).
     first_order = problem.first_order_residual(ys_at) if joint else None
-    if first_order is not None:
-        lam, g_problem, num_steps = _lagged(
-            vjp, first_order, precondition, ys_at, problem, ct, rtol, max_steps
-        )
-        return jtu.tree_map(jnp.negative, g_problem), num_steps
-    lam, g_problem, num_steps = refine(apply, precondition, ct, rtol=rtol, max_steps=max_steps)
+    correct = None if first_order is None else _first_order_correction(first_order, ys_at, problem)
+    # (The parameters' cotangent has the structure of their arrays: built here rather
+    # than traced from `apply`, which would trace the backward pass once more.)
+    zeros = jtu.tree_map(jnp.zeros_like, eqx.filter(problem, eqx.is_inexact_array)) if joint else None
+    lam, g_problem, num_steps = refine(
+        apply, precondition, ct, rtol=rtol, max_steps=max_steps, aux=zeros, correct=correct
+    )
     if not joint:
         g_problem, num_steps = vjp(lam)[1], num_steps + 1
     return jtu.tree_map(jnp.negative, g_problem), num_steps
 
 
-def _lagged(vjp, first_order, precondition, ys_at, problem, ct, rtol, max_steps):
-    r"""The refinement of `_transpose` with one full backward pass instead of one per
-    step, for problems that split their residual (`first_order_residual`).
+def _first_order_correction(first_order, ys_at, problem):
+    r"""The `correct` of `refine` for problems that split their residual
+    (`first_order_residual`): with the linearisation's slopes held fixed the
+    residual's derivative is exactly $\tilde L$ (and a first-order part $R_1$ of $R$),
+    so $L = \tilde L + K$, $R = R_1 + R_K$, where $K$, $R_K$ are the derivatives
+    through the slopes (second derivatives of the vector field: the expensive part).
+    After a full backward pass at $\lambda$ and the Richardson step $\delta$,
 
-    With the linearisation's slopes held fixed the residual's derivative is exactly
-    $\tilde L$ (and a first-order part $R_1$ of $R$), so
-    $L = \tilde L + K$, $R = R_1 + R_K$, where $K$, $R_K$ are the derivatives through
-    the slopes (second derivatives of the vector field: the expensive part). From
-    $\lambda_0 = \tilde L^{-\top} \bar y$ one full backward pass gives
-    $L^\top \lambda_0$ and $R^\top \lambda_0$; the Richardson step
-    $\delta = \tilde L^{-\top}(\bar y - L^\top \lambda_0)$ gives
-    $\lambda_1 = \lambda_0 + \delta$, and
+    $$R^\top (\lambda + \delta) \approx R^\top \lambda + R_1^\top \delta,$$
 
-    $$R^\top \lambda_1 \approx R^\top \lambda_0 + R_1^\top \delta,$$
+    a first-order backward pass only. It leaves out $R_K^\top \delta$, of the order of
+    the error of $\lambda + \delta$ itself, $\rho \|\delta\|$ with $\rho$ the
+    refinement's contraction (measured 1e-5 to 1e-7 on the training benchmark), which
+    `refine` checks against its tolerance. So one full pass usually suffices."""
 
-    a first-order backward pass only. It leaves out $R_K^\top \delta$ and the error of
-    $\lambda_1$, both of order $\rho \|\delta\|$ with $\rho \approx
-    \|\delta\| / \|\lambda_0\|$ the contraction of the refinement (measured
-    1e-5 to 1e-7 on the training benchmark); accepted when $\rho \|\delta\|$ is
-    within `rtol` of $\|\lambda_1\|$, and otherwise continued by full steps
-    (`refine`)."""
-    lam = precondition(ct)
-    g_ys, g = vjp(lam)
-    step = precondition(ct - g_ys)
-    new = lam + step
-    size = jnp.max(jnp.abs(step))
-    scale = jnp.max(jnp.abs(new))
-    # rho * |delta| <= rtol * |lambda_1|, with rho = |delta| / |lambda_0|:
-    accept = size**2 <= rtol * scale * jnp.max(jnp.abs(lam))
-
-    def correct(step):
+    def correct(step, g):
         _, first_vjp = eqx.filter_vjp(first_order, ys_at, problem)
         return jtu.tree_map(jnp.add, g, first_vjp(step)[1])
 
-    # (Where the step itself is within the tolerance, as usually on fine grids, the
-    # correction is left out: measured 6-8% of the gradient, neural ODE T = 1e4.)
-    g_lagged = lax.cond(size <= rtol * scale, lambda _: g, correct, step)
-
-    lam, g_problem, num_steps = refine(
-        vjp, precondition, ct, rtol=rtol, max_steps=max_steps, start=(new, g_lagged, accept)
-    )
-    return lam, g_problem, num_steps + 1
+    return correct
 
 
 @eqxi.filter_primitive_def

@@ -31,9 +31,8 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import lineax as lx
-from jaxtyping import Array, Bool, Float, PyTree
+from jaxtyping import Array, Float, PyTree
 
 from ._linear_recurrence import solve_linear_recurrence
 from ._misc import error_if
@@ -64,41 +63,50 @@ def refine(
     *,
     rtol: float,
     max_steps: int,
-    start: tuple[Float[Array, "T D"], PyTree, Bool[Array, ""]] | None = None,
+    aux: PyTree = None,
+    correct: Callable[[Array, PyTree], PyTree] | None = None,
 ) -> tuple[Float[Array, "T D"], PyTree, Array]:
     r"""Solves $L x = v$ by $x \leftarrow x + \tilde L^{-1}(v - L x)$ from
     $x = \tilde L^{-1} v$, until a correction is below `rtol` relative to $x$ (at most
     `max_steps` corrections). `apply(x)` returns $L x$ and anything else computed with
     it (e.g. the parameters' part of the same backward pass), returned for the last
-    $x$ it was applied to. Raises at run time if the iteration does not converge.
+    $x$ it was applied to; `aux` is a value of that by-product's structure (e.g.
+    zeros; None when `apply` returns None). Raises at run time if the iteration does
+    not converge.
 
-    `start = (x, aux, converged)` continues from there instead (nothing more is done
-    where `converged`).
+    `correct(step, aux)`, if given, returns that by-product for $x + \delta$ from the
+    one for $x$ to first order in the correction $\delta$ (cheaper than `apply`). The
+    iteration then also stops, with the corrected by-product, once what first order
+    leaves out is within the tolerance: $\rho \|\delta\| \le$ `rtol` $\|x\|$,
+    with $\rho = \|\delta\| / \|\delta_\text{previous}\|$ the observed
+    contraction ($\delta_\text{previous} = \tilde L^{-1} v$ at the first step).
 
-    Returns $x$, that by-product, and the number of products with $L$ taken."""
-    if start is None:
-        x = precondition(vector)
-        aux_struct = eqx.filter_eval_shape(lambda x: apply(x)[1], x)
-        aux = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux_struct)
-        converged = jnp.array(False)
-    else:
-        x, aux, converged = start
+    Returns $x$, that by-product, and the number of products with $L$ taken. One
+    loop holds the only copy of `apply` and `correct` (each is traced and compiled
+    once)."""
+    x = precondition(vector)
 
     def cond(carry):
-        i, _, _, converged = carry
+        i, _, _, _, converged = carry
         return (i < max_steps) & jnp.invert(converged)
 
     def body(carry):
-        i, x, _, _ = carry
+        i, x, _, previous, _ = carry
         product, aux = apply(x)
         step = precondition(vector - product)
         x = x + step
         size = jnp.max(jnp.abs(step))
-        converged = (size <= rtol * jnp.max(jnp.abs(x))) | jnp.invert(jnp.isfinite(size))
-        return i + 1, x, aux, converged
+        scale = jnp.max(jnp.abs(x))
+        converged = (size <= rtol * scale) | jnp.invert(jnp.isfinite(size))
+        if correct is not None:
+            first_order = jnp.invert(converged) & (size * size <= rtol * scale * previous)
+            aux = lax.cond(first_order, correct, lambda _, aux: aux, step, aux)
+            converged = converged | first_order
+        return i + 1, x, aux, size, converged
 
-    carry = (jnp.array(0), x, aux, converged)
-    num_steps, x, aux, converged = lax.while_loop(cond, body, carry)
+    previous = jnp.max(jnp.abs(x))
+    carry = (jnp.array(0), x, aux, previous, jnp.array(False))
+    num_steps, x, aux, _, converged = lax.while_loop(cond, body, carry)
     failed = jnp.invert(converged & jnp.all(jnp.isfinite(x)))
     x = error_if(x, failed, not_converged_message(max_steps))
     return x, aux, num_steps

@@ -220,7 +220,7 @@ def test_jacobian_derivatives_match_jax(monkeypatch, chunk):
 
 def test_lagged_refinement_matches_dense_solve(monkeypatch):
     # The exponential scheme's reverse-mode implicit derivative with one full backward
-    # pass and a first-order correction (`_implicit._lagged`) against the dense
+    # pass and a first-order correction (`_implicit._first_order_correction`) against the dense
     # -R^T L^{-T} ybar, and the same with the correction turned off (full steps).
     from diffrax_deer._discretisation import ExponentialScheme
     from diffrax_deer._implicit import _transpose
