@@ -144,3 +144,32 @@ def test_action_matches_exponentials_and_derivatives(dtype):
         directional, fd, hvp, hfd = second_order(X, tX)
         np.testing.assert_allclose(directional, fd, rtol=1e-7)
         np.testing.assert_allclose(hvp, hfd, rtol=1e-5, atol=1e-5 * jnp.max(jnp.abs(hfd)))
+
+
+def test_action_with_matrix_held_fixed():
+    # Derivatives in (z, y) only, X a constant (as in the implicit derivative's
+    # first-order correction), on a batch mixing small matrices with ones that need
+    # squaring, forward and reverse (also under vmap), against e^X y + phi_1(X) z from
+    # expm_phi1.
+    keys = jax.random.split(jax.random.PRNGKey(7), 6)
+    scales = jnp.array([0.001, 0.02, 0.5, 3.0])[:, None, None]
+    X = jax.random.normal(keys[0], (4, 4, 4)) * scales
+    z, y, tz, ty, ct = (jax.random.normal(k, (4, 4)) for k in keys[1:6])
+
+    def reference(z, y):
+        E, w = expm_phi1(X, z)
+        return jnp.einsum("...ij,...j->...i", E, y) + w
+
+    @jax.jit
+    def derivatives(z, y, tz, ty, ct):
+        out = {}
+        for name, fn in (("ours", lambda z, y: expm_action(X, z, y)), ("ref", reference)):
+            value, tangent = jax.jvp(fn, (z, y), (tz, ty))
+            out[name] = (value, tangent, *jax.vjp(fn, z, y)[1](ct))
+        one = lambda X, z, y, c: jax.vjp(lambda z, y: expm_action(X, z, y), z, y)[1](c)
+        out["vmap"] = jax.vmap(one)(X, z, y, ct)
+        return out
+
+    out = derivatives(z, y, tz, ty, ct)
+    for a, b in zip(out["ours"] + out["vmap"], out["ref"] + out["ref"][2:], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * jnp.max(jnp.abs(b)))
