@@ -146,11 +146,6 @@ class AbstractWindowScheme(AbstractTrajectoryProblem):
         local = yb - ya - delta * (fa + 4 * fm + fb) / 6
         return jnp.sum(jnp.abs(local), axis=0)
 
-    def interpolation(self, ys_full: Float[Array, "N D"]) -> AbstractLocalInterpolation:
-        """Dense output of the window from its grid values (PyTree states)."""
-        dense_info, _ = self.outputs(ys_full)
-        return self.interpolation_cls(t0=self.t0, t1=self.t1, **dense_info)
-
     def coarsen(self, num_points: int) -> "AbstractWindowScheme":
         """The same scheme over the same window on a grid of `num_points` points."""
         return dataclasses.replace(self, num_points=num_points)
