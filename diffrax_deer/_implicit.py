@@ -56,6 +56,7 @@ from ._misc import (
     default_tolerance,
     is_undefined,
     no_cotangents,
+    traced_once,
 )
 
 
@@ -144,6 +145,11 @@ def _transpose(ys_at, ok, problem, ct, rtol, max_steps):
     return jtu.tree_map(jnp.negative, g_problem), num_steps
 
 
+# equinox's checkpointed loop (`diffrax.RecursiveCheckpointAdjoint`) transposes its body
+# twice; see `traced_once`.
+_transpose_once = traced_once(_transpose)
+
+
 def _first_order_correction(first_order, ys_at, problem):
     r"""The `correct` of `refine` for problems that split their residual
     (`first_order_residual`): with the linearisation's slopes held fixed the
@@ -203,7 +209,7 @@ def _transpose_rule(inputs, cts_out):
             "The implicit derivative is linear in the parameters' tangent only."
         )
     (ct,) = cts_out
-    g_problem, _ = _transpose(ys_at, ok, problem, ct, rtol, max_steps)
+    g_problem, _ = _transpose_once(ys_at, ok, problem, ct, rtol, max_steps)
     none = no_cotangents
     ct_t_problem = cotangents_for(t_problem, g_problem)
     return none(ys_at), none(ok), none(problem), ct_t_problem, None, None

@@ -1,6 +1,9 @@
-"""Small shared helpers: flattening PyTree states to vectors, default tolerances."""
+"""Small shared helpers: flattening PyTree states to vectors, default tolerances,
+tracing a function once."""
 
+import functools as ft
 import math
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -78,8 +81,43 @@ def default_tolerance(dtype) -> float:
     return max(1e-8, 160 * eps)
 
 
-def is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)  # pyright: ignore[reportAttributeAccessIssue]
+class _Static(eqx.Module):
+    value: Any = eqx.field(static=True)
+
+
+def traced_once(fn: Callable) -> Callable:
+    """`fn`, its trace cached per static arguments and array shapes: the Python body
+    runs once per distinct call signature and is inlined (`jax.jit(inline=True)`, no
+    call boundary in the compiled program) wherever it is called again.
+
+    For the library's expensive traces that JAX and its libraries trace more than once:
+    diffrax traces a solver's `step` three times (twice under `eval_shape`, for the
+    structure of its loop state), and equinox's checkpointed loop traces a reverse pass
+    twice (once under `eval_shape`, to resolve symbolic zeros). Arrays anywhere in the
+    arguments are traced; everything else must be hashable (a call whose static part
+    is not falls back to plain `fn`). Closed-over arrays of an enclosing trace are
+    handled by `jax.jit` as usual."""
+
+    @ft.partial(jax.jit, static_argnums=(0, 1), inline=True)
+    def run(static_leaves, static_treedef, dynamic):
+        static = jtu.tree_unflatten(static_treedef, static_leaves)
+        out = fn(*eqx.combine(dynamic, static))
+        dynamic_out, static_out = eqx.partition(out, eqx.is_array)
+        return dynamic_out, _Static(static_out)
+
+    @ft.wraps(fn)
+    def wrapper(*args):
+        dynamic, static = eqx.partition(args, eqx.is_array)
+        static_leaves, static_treedef = jtu.tree_flatten(static)
+        static_leaves = tuple(static_leaves)
+        try:
+            hash(static_leaves)
+        except TypeError:
+            return fn(*args)
+        dynamic_out, static_out = run(static_leaves, static_treedef, dynamic)
+        return eqx.combine(dynamic_out, static_out.value)
+
+    return wrapper
 
 
 def batched_like(tangents: PyTree, reference: Array) -> PyTree:

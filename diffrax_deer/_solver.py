@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from ._discretisation import AbstractDiscretisation, AbstractWindowScheme, uniform_grid
 from ._initial_guess import AbstractInitialGuess, as_initial_guess
-from ._misc import TreeFlattener
+from ._misc import traced_once, TreeFlattener
 from ._newton import is_successful, with_lyapunov_exponent
 from ._root_finder import (
     AbstractTrajectoryRootFinder,
@@ -274,6 +274,9 @@ class DEER(diffrax.AbstractAdaptiveSolver):
 
     def step(self, terms, t0, t1, y0, args, solver_state: DEERState, made_jump):
         del made_jump
+        return _step(self, terms, t0, t1, y0, args, solver_state)
+
+    def _step(self, terms, t0, t1, y0, args, solver_state: DEERState):
         # (The example time has the grid's dtype: the converted field is called at it.)
         terms = _closure_convert(_ode_term(terms), uniform_grid(t0, t1, 2)[0], y0, args)
         flattener = TreeFlattener(y0)
@@ -333,6 +336,11 @@ class DEER(diffrax.AbstractAdaptiveSolver):
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
+
+
+# diffrax traces `step` three times (see `traced_once`); one window's trace is the
+# bulk of a solve's.
+_step = traced_once(DEER._step)
 
 
 DEER.__init__.__doc__ = r"""**Arguments:**
