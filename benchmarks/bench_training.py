@@ -119,21 +119,22 @@ def _count_refinements(fn, *args):
     """Vector-Jacobian products of the implicit derivative (reverse mode) in one call:
     1 = a single scan and product, no refinement."""
     counts = []
-    transpose = _implicit._transpose
+    # (The reverse pass the transpose rule calls; see `_implicit._transpose_once`.)
+    transpose = _implicit._transpose_once
 
     def counting(*a):
         g, num_steps = transpose(*a)
         jax.debug.callback(lambda n: counts.append(int(n)), num_steps)
         return g, num_steps
 
-    _implicit._transpose = counting
+    _implicit._transpose_once = counting
     # Retrace: diffrax's solve is cached by `equinox.filter_jit`.
     jax.clear_caches()
     eqx.clear_caches()
     try:
         jax.block_until_ready(jax.jit(fn)(*args))
     finally:
-        _implicit._transpose = transpose
+        _implicit._transpose_once = transpose
     return sum(counts)
 
 

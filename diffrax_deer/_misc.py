@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -81,10 +82,6 @@ def default_tolerance(dtype) -> float:
     return max(1e-8, 160 * eps)
 
 
-class _Static(eqx.Module):
-    value: Any = eqx.field(static=True)
-
-
 def traced_once(fn: Callable) -> Callable:
     """`fn`, its trace cached per static arguments and array shapes: the Python body
     runs once per distinct call signature and is inlined (`jax.jit(inline=True)`, no
@@ -103,7 +100,7 @@ def traced_once(fn: Callable) -> Callable:
         static = jtu.tree_unflatten(static_treedef, static_leaves)
         out = fn(*eqx.combine(dynamic, static))
         dynamic_out, static_out = eqx.partition(out, eqx.is_array)
-        return dynamic_out, _Static(static_out)
+        return dynamic_out, eqxi.Static(static_out)
 
     @ft.wraps(fn)
     def wrapper(*args):
