@@ -104,9 +104,9 @@ def _saves_rows(key, T, saves, repeats):
         saveat = diffrax.SaveAt(ts=jnp.linspace(0.0, training.T1, num)) if num > 1 else diffrax.SaveAt(t1=True)
 
         def loss(p, adjoint, saveat=saveat):
-            sol = diffrax.diffeqsolve(
-                diffrax.ODETerm(vf), diffrax_deer.DEER(num_points=T), 0.0, training.T1,
-                training.T1, y0, args=p, saveat=saveat, adjoint=adjoint, max_steps=4,
+            sol = training._solve(
+                vf, y0, p, diffrax_deer.DEER(num_points=T), training.T1, saveat=saveat,
+                adjoint=adjoint, max_steps=4,
             )
             return jnp.sum(sol.ys**2)
 

@@ -92,10 +92,9 @@ MODELS = {"mlp4": lambda: neural_ode(4), "mlp16": lambda: neural_ode(16),
           "hnn8": hamiltonian_nn, "vdp": van_der_pol}
 
 
-def _solve(vf, y0, params, solver, dt0, **kwargs):
+def _solve(vf, y0, params, solver, dt0, saveat=diffrax.SaveAt(ts=SAVE, t1=True), **kwargs):
     return diffrax.diffeqsolve(
-        diffrax.ODETerm(vf), solver, 0.0, T1, dt0, y0, args=params,
-        saveat=diffrax.SaveAt(ts=SAVE, t1=True), **kwargs,
+        diffrax.ODETerm(vf), solver, 0.0, T1, dt0, y0, args=params, saveat=saveat, **kwargs,
     )
 
 
