@@ -317,6 +317,7 @@ def write_results(
     config: dict | None = None,
     notes: Sequence[str] = (),
     results_dir: Path = RESULTS_DIR,
+    dtype_note: str = "float64",
 ) -> tuple[Path, Path]:
     """Writes `<name>_<platform>_py<major.minor>.json` and `.md` under `results_dir`.
 
@@ -349,7 +350,7 @@ def write_results(
         "",
         f"**Machine:** {describe_machine(info)}",
         "",
-        f"Measured {when} with `{payload['command']}`; float64; times are steady-state "
+        f"Measured {when} with `{payload['command']}`; {dtype_note}; times are steady-state "
         "wall times (warm-up call excluded, `jax.block_until_ready`), min over repeats.",
         "",
     ]
