@@ -318,13 +318,15 @@ def write_results(
     notes: Sequence[str] = (),
     results_dir: Path = RESULTS_DIR,
     dtype_note: str = "float64",
+    info: dict | None = None,
 ) -> tuple[Path, Path]:
     """Writes `<name>_<platform>_py<major.minor>.json` and `.md` under `results_dir`.
 
     The JSON holds raw values (seconds, bytes) per row; the markdown starts with the
     machine, then each section as a table."""
-    info = machine_info()
-    stem = f"{name}_{info['platform']}_py{sys.version_info.major}.{sys.version_info.minor}"
+    info = machine_info() if info is None else info
+    python = ".".join(info["python"].split(".")[:2])
+    stem = f"{name}_{info['platform']}_py{python}"
     results_dir.mkdir(parents=True, exist_ok=True)
     json_path = results_dir / f"{stem}.json"
     md_path = results_dir / f"{stem}.md"

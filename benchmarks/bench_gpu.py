@@ -172,6 +172,7 @@ def _train_case(case, common, row):
         return jnp.sum(sol.ys[:-1] ** 2), sol.ys, st.total_iters, st.total_coarse_iters
 
     fns["forward"] = forward
+    fns = {k: f for k, f in fns.items() if k == "forward" or k in case.get("fns", fns)}
     tangent = jax.tree_util.tree_map(jnp.ones_like, params)
     compiled = {}
     for key, fn in fns.items():
@@ -397,6 +398,18 @@ def make_refs() -> None:
     print(f"wrote {REFS}")
 
 
+def _write(rows, out: Path, *, notes, config, info=None):
+    _setup("float64")
+    from . import _common as common
+
+    _match_tsit5(rows)
+    return common.write_results(
+        "gpu", sections(rows, common), title="DEER on one GPU: training, solver and scan",
+        config=config, notes=notes, results_dir=out, info=info,
+        dtype_note="float32 and float64 (column dtype)",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--make-refs", action="store_true")
@@ -404,17 +417,41 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=400.0, help="seconds")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny cases")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        help="rows.jsonl of earlier runs: their cases are not run again")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="case labels (as `case_label` writes them) to run, in this order")
+    parser.add_argument("--fns", nargs="*", default=None,
+                        help="of forward grad_rc grad_direct jvp: time only these (training cases)")
+    parser.add_argument("--merge", nargs="*", default=None,
+                        help="write the tables of these runs' rows.jsonl together, with the "
+                             "machine of the first run's gpu_*.json beside it")
     opts = parser.parse_args()
     if opts.make_refs:
         return make_refs()
-    start = time.time()
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    if opts.merge is not None:
+        rows = [json.loads(line) for f in opts.merge for line in Path(f).read_text().splitlines()]
+        rows = list({r["label"]: r for r in rows}.values())  # a later run's row wins
+        first = json.loads(next(Path(opts.merge[0]).parent.glob("gpu_*.json")).read_text())
+        notes = [f"Merged from {len(opts.merge)} runs on the same machine kind "
+                 f"({len(rows)} cases); each run's notes: see its log."] + first["notes"][1:]
+        paths = _write(rows, out, notes=notes, config=first["config"], info=first["machine"])
+        print(f"wrote {paths[0]} and {paths[1]}")
+        return
+    start = time.time()
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     lock = os.path.join(tempfile.gettempdir(), f"bench_gpu_{os.getpid()}.lock")
     Path(lock + ".rows").unlink(missing_ok=True)
     workers = opts.workers or max(1, min(10, (os.cpu_count() or 2) - 4))
-    todo = cases(opts.quick)
+    done = {json.loads(line)["label"] for f in opts.skip for line in Path(f).read_text().splitlines()}
+    todo = [c for c in cases(opts.quick) if case_label(c) not in done]
+    if opts.only is not None:
+        by_label = {case_label(c): c for c in todo}
+        todo = [by_label[label] for label in opts.only if label in by_label]
+    if opts.fns is not None:
+        todo = [dict(c, fns=opts.fns) if c["kind"] == "train" else c for c in todo]
     print(f"{len(todo)} cases, {workers} workers, deadline {opts.deadline:.0f} s", flush=True)
     ctx = multiprocessing.get_context("spawn")
     pool = ctx.Pool(workers, maxtasksperchild=1)
@@ -422,13 +459,8 @@ def main() -> None:
     while time.time() - start < opts.deadline and not all(r.ready() for _, r in pending):
         time.sleep(1.0)
     unfinished = [case_label(c) for c, r in pending if not r.ready()]
-    pool.terminate()
-    rows = [json.loads(line) for line in Path(lock + ".rows").read_text().splitlines()]
-
-    _setup("float64")
-    from . import _common as common
-
-    _match_tsit5(rows)
+    rows_file = Path(lock + ".rows")
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
     notes = [
         f"{len(rows)} of {len(todo)} cases finished in {time.time() - start:.0f} s; "
         f"{workers} worker processes compiled side by side on the host's cores and took "
@@ -438,12 +470,14 @@ def main() -> None:
     ]
     if unfinished:
         notes.append("Not finished by the deadline: " + "; ".join(unfinished) + ".")
-    paths = common.write_results(
-        "gpu", sections(rows, common), title="DEER on one GPU: training, solver and scan",
-        config=dict(deadline_s=opts.deadline, workers=workers, quick=opts.quick),
-        notes=notes, results_dir=out, dtype_note="float32 and float64 (column dtype)",
-    )
+    paths = _write(rows, out, notes=notes,
+                   config=dict(deadline_s=opts.deadline, workers=workers, quick=opts.quick))
     print(Path(paths[1]).read_text(), flush=True)
+    # A worker inside an XLA compile does not stop on SIGTERM (`Pool.terminate`) until
+    # the compile ends: kill them outright, and leave without joining.
+    for child in multiprocessing.active_children():
+        child.kill()
+    os._exit(0)
 
 
 if __name__ == "__main__":

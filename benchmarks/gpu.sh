@@ -5,7 +5,7 @@
 # benchmark with its output and results under $OUT (default /tmp/bench_gpu).
 #
 #   python -m benchmarks.bench_gpu --make-refs     # here, first: .gpu/refs.npz
-#   bash benchmarks/gpu.sh [DEADLINE_S]            # there, carrying .whl and .gpu
+#   bash benchmarks/gpu.sh [bench_gpu options]    # there, carrying .whl and .gpu
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench_gpu}
@@ -18,4 +18,4 @@ fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv || true
 python3 -c "import jax, diffrax, equinox, optimistix, lineax; print('jax', jax.__version__, jax.devices(), 'diffrax', diffrax.__version__, 'equinox', equinox.__version__)"
-python3 -m benchmarks.bench_gpu --out "$OUT" --deadline "${1:-420}" 2>&1 | tee "$OUT/log.txt"
+python3 -m benchmarks.bench_gpu --out "$OUT" --deadline 420 "$@" 2>&1 | tee "$OUT/log.txt"
