@@ -9,7 +9,7 @@ T up to 1e6, neural-ODE state sizes D = 8..64, in float32 (matmul precision "hig
 and float64.
 
 A lent GPU is held for minutes, and a first call compiles for seconds, so the cases run
-in a pool of processes (one fresh process per case: `jax_enable_x64` is per process):
+in separate processes (one fresh process per case: `jax_enable_x64` is per process):
 they compile at the same time on the host's cores, and take turns on the GPU for the
 timed calls (a file lock around each `time_call`). Compile times are therefore measured
 with other compiles running beside them. Cases are started in priority order and
@@ -434,9 +434,12 @@ def main() -> None:
     if opts.merge is not None:
         rows = [json.loads(line) for f in opts.merge for line in Path(f).read_text().splitlines()]
         rows = list({r["label"]: r for r in rows}.values())  # a later run's row wins
-        first = json.loads(next(Path(opts.merge[0]).parent.glob("gpu_*.json")).read_text())
-        notes = [f"Merged from {len(opts.merge)} runs on the same machine kind "
-                 f"({len(rows)} cases); each run's notes: see its log."] + first["notes"][1:]
+        runs = [json.loads(next(Path(f).parent.glob("gpu_*.json")).read_text()) for f in opts.merge]
+        first = runs[0]
+        notes = [f"Merged from {len(runs)} runs on the same machine kind ({len(rows)} cases; "
+                 "where a case ran twice, the later run's row)."]
+        notes += [f"Run {k + 1} ({run['date_utc']}): `{run['command']}`. " + " ".join(run["notes"])
+                  for k, run in enumerate(runs)]
         paths = _write(rows, out, notes=notes, config=first["config"], info=first["machine"])
         print(f"wrote {paths[0]} and {paths[1]}")
         return
@@ -453,12 +456,24 @@ def main() -> None:
     if opts.fns is not None:
         todo = [dict(c, fns=opts.fns) if c["kind"] == "train" else c for c in todo]
     print(f"{len(todo)} cases, {workers} workers, deadline {opts.deadline:.0f} s", flush=True)
+    # One fresh process per case, at most `workers` at once. (Not `multiprocessing.Pool`:
+    # its handler thread starts new workers for the queued cases as soon as running ones
+    # are killed at the deadline, and those outlive this process.)
     ctx = multiprocessing.get_context("spawn")
-    pool = ctx.Pool(workers, maxtasksperchild=1)
-    pending = [(c, pool.apply_async(run_case, (c, str(out), lock))) for c in todo]
-    while time.time() - start < opts.deadline and not all(r.ready() for _, r in pending):
-        time.sleep(1.0)
-    unfinished = [case_label(c) for c, r in pending if not r.ready()]
+    queue, running = list(todo), []
+    while time.time() - start < opts.deadline and (queue or running):
+        running = [(c, p) for c, p in running if p.is_alive()]
+        while queue and len(running) < workers:
+            case = queue.pop(0)
+            process = ctx.Process(target=run_case, args=(case, str(out), lock))
+            process.start()
+            running.append((case, process))
+        time.sleep(0.5)
+    # A worker inside an XLA compile does not stop on SIGTERM until the compile ends.
+    for _, process in running:
+        process.kill()
+    unfinished = [case_label(c) for c, p in running if p.exitcode is None or p.exitcode < 0]
+    unfinished += [case_label(c) for c in queue]
     rows_file = Path(lock + ".rows")
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
     notes = [
@@ -473,11 +488,6 @@ def main() -> None:
     paths = _write(rows, out, notes=notes,
                    config=dict(deadline_s=opts.deadline, workers=workers, quick=opts.quick))
     print(Path(paths[1]).read_text(), flush=True)
-    # A worker inside an XLA compile does not stop on SIGTERM (`Pool.terminate`) until
-    # the compile ends: kill them outright, and leave without joining.
-    for child in multiprocessing.active_children():
-        child.kill()
-    os._exit(0)
 
 
 if __name__ == "__main__":
