@@ -24,8 +24,13 @@ whose error is at most DEER's.
 
     python -m benchmarks.bench_gpu --make-refs              # on the CPU, beforehand
     python -m benchmarks.bench_gpu --out DIR --deadline 400 # on the GPU machine
+    # the cases a run did not reach, then both tables together:
+    python -m benchmarks.bench_gpu --out DIR2 --skip DIR/rows.jsonl
+    python -m benchmarks.bench_gpu --out benchmarks/results --merge DIR/rows.jsonl DIR2/rows.jsonl
 
-Results: `DIR/gpu_<device>_py<X.Y>.{json,md}`, then copied to `benchmarks/results/`.
+Results: `DIR/gpu_<device>_py<X.Y>.{json,md}` and `DIR/rows.jsonl`; `--merge` writes the
+tables and `gpu_<device>_py<X.Y>.rows.jsonl` (the rows, for the next `--skip`/`--merge`).
+`benchmarks/gpu.sh` runs it on a lent machine.
 """
 
 from __future__ import annotations
@@ -441,7 +446,10 @@ def main() -> None:
         notes += [f"Run {k + 1} ({run['date_utc']}): `{run['command']}`. " + " ".join(run["notes"])
                   for k, run in enumerate(runs)]
         paths = _write(rows, out, notes=notes, config=first["config"], info=first["machine"])
-        print(f"wrote {paths[0]} and {paths[1]}")
+        # The merged rows as they came, for a later run's `--skip` and `--merge`.
+        raw = paths[0].with_suffix(".rows.jsonl")
+        raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(f"wrote {paths[0]}, {paths[1]} and {raw}")
         return
     start = time.time()
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
