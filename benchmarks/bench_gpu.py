@@ -37,12 +37,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import fcntl
 import json
 import multiprocessing
 import os
-import sys
 import tempfile
 import time
 import traceback
@@ -202,7 +200,8 @@ def _tsit5_case(case, common, row):
 
     name, vf, y0, params = _model(case["model"])
 
-    def solve(p, tol, adjoint=diffrax.RecursiveCheckpointAdjoint()):
+    def solve(p, tol, adjoint=None):
+        adjoint = diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
         sol = bt._solve(vf, y0, p, diffrax.Tsit5(), 0.01, adjoint=adjoint,
                         stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
                         max_steps=100_000, throw=False)
