@@ -85,6 +85,17 @@ class AbstractTrajectoryProblem(eqx.Module):
         A, b = self.linearise(ys)
         return model_residual(A, b, self.init, ys)
 
+    def linearise_with_residual(self, ys: Float[Array, "T D"]) -> tuple[
+        Float[Array, "T D D"] | Float[Array, "T D"], Float[Array, "T D"], Float[Array, "T D"]
+    ]:
+        """`linearise(ys)` and the residual at `ys` from the same evaluation: what a
+        Newton step solved for the correction needs (not differentiated). This default
+        reads the residual off the linearisation; a problem whose transitions are near
+        the identity gives it in a form that keeps the small increments' relative
+        accuracy (the exponential scheme)."""
+        A, b = self.linearise(ys)
+        return A, b, model_residual(A, b, self.init, ys)
+
     def first_order_residual(
         self, about: Float[Array, "T D"]
     ) -> Callable[[Float[Array, "T D"], "AbstractTrajectoryProblem"], Float[Array, "T D"]] | None:
