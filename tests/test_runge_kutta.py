@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from diffrax_deer import DEER, ParallelNewton
 
-from .helpers import forced_decay, reference_solution, van_der_pol
+from .helpers import float32_rounding_error, forced_decay, reference_solution, van_der_pol
 
 
 N = 17  # grid points per window: 16 steps
@@ -295,19 +295,7 @@ def test_float32_as_accurate_as_the_sequential_solver():
     # correction (solving for the states, the scan's rounding accumulated along the
     # window: 3x the sequential rounding error here, 30x at T = 1e4).
     T = 4001
-
-    def solve(solver, dt0, dtype=jnp.float32):
-        f = lambda x: jnp.asarray(x, dtype)
-        return diffrax.diffeqsolve(
-            diffrax.ODETerm(van_der_pol), solver, f(0.0), f(5.0),
-            None if dt0 is None else f(dt0), f([2.0, 0.0]), args=f(1.0),
-            saveat=diffrax.SaveAt(ts=f(jnp.linspace(0.0, 5.0, 11))), max_steps=T + 10,
-        ).ys
-
     # Rounding error: float32 against float64, same solver, same grid.
-    rounding = lambda solver, dt0: float(jnp.max(jnp.abs(
-        solve(solver, dt0) - solve(solver, dt0, jnp.float64)
-    )))
-    err_deer = rounding(DEER(num_points=T, discretisation=diffrax.Heun()), 5.0)
-    err_sequential = rounding(diffrax.Heun(), 5.0 / (T - 1))
+    err_deer = float32_rounding_error(DEER(num_points=T, discretisation=diffrax.Heun()), 5.0, T)
+    err_sequential = float32_rounding_error(diffrax.Heun(), 5.0 / (T - 1), T)
     assert err_deer < 1.5 * err_sequential, (err_deer, err_sequential)

@@ -8,6 +8,7 @@ from diffrax_deer import DEER
 
 from .helpers import (
     cubic_decay,
+    float32_rounding_error,
     PROBLEMS,
     reference_solution,
     van_der_pol,
@@ -306,20 +307,8 @@ def test_float32_as_accurate_as_a_sequential_solver(method):
     # diffrax's Heun on the same grid; at T = 1e4 an error of 4.3e-4, 100x Heun's).
     # Quasi-DEER converges linearly: its error is the float32 tolerance's.
     T = 4001
-
-    def solve(solver, dt0, dtype=jnp.float32):
-        f = lambda x: jnp.asarray(x, dtype)
-        return diffrax.diffeqsolve(
-            diffrax.ODETerm(van_der_pol), solver, f(0.0), f(5.0),
-            None if dt0 is None else f(dt0), f([2.0, 0.0]), args=f(1.0),
-            saveat=diffrax.SaveAt(ts=f(jnp.linspace(0.0, 5.0, 11))), max_steps=T + 10,
-        ).ys
-
     # Rounding error: float32 against float64, same solver, same grid.
-    rounding = lambda solver, dt0: float(jnp.max(jnp.abs(
-        solve(solver, dt0) - solve(solver, dt0, jnp.float64)
-    )))
-    err_deer = rounding(DEER(num_points=T, method=method), 5.0)
-    err_sequential = rounding(diffrax.Heun(), 5.0 / (T - 1))
+    err_deer = float32_rounding_error(DEER(num_points=T, method=method), 5.0, T)
+    err_sequential = float32_rounding_error(diffrax.Heun(), 5.0 / (T - 1), T)
     bound = 1.5 * err_sequential if method == "deer" else 1e-4
     assert err_deer < bound, (err_deer, err_sequential)
