@@ -21,6 +21,11 @@ def _use_fused(D: int) -> bool:
     return D <= _FUSED_MAX_D or jax.default_backend() == "cpu"
 
 
+def identity_like(A: Array) -> Array:
+    """The identity, broadcast to `A`'s batch of square `(..., D, D)` matrices."""
+    return jnp.broadcast_to(jnp.eye(A.shape[-1], dtype=A.dtype), A.shape)
+
+
 def matmul(A: Array, B: Array) -> Array:
     """`A @ B` over leading batch axes, for square `(..., D, D)` matrices."""
     D = A.shape[-1]

@@ -37,7 +37,7 @@ from diffrax import AbstractLocalInterpolation, AbstractTerm
 from equinox.internal import ω
 from jaxtyping import Array, Float, PyTree, Real
 
-from ._batched import matvec
+from ._batched import identity_like, matvec
 from ._expm import exp_phi1_diagonal, expm, expm1_phi1, expm_action, expm_phi1
 from ._interpolation import HermiteGridInterpolation
 from ._jacobian import value_and_jacobian
@@ -215,15 +215,18 @@ class ExponentialScheme(AbstractWindowScheme):
         with the residual read off $e^{\bar J}$, 1.0e-6 with this one; diffrax's Heun
         on the same grid: 3.9e-6)."""
         X, z = self._interval_averages(ys)
-        prev = previous_states(self.y0, ys)
         if self.jacobian == "dense":
             E1, b = expm1_phi1(X, z)
-            A = E1 + jnp.broadcast_to(jnp.eye(X.shape[-1], dtype=X.dtype), X.shape)
+            A = E1 + identity_like(X)
         else:
-            E1, b = jnp.expm1(X), exp_phi1_diagonal(X, z)[1]
-            A = jnp.exp(X)
-        residual = (ys - prev) - (matvec(E1, prev) + b)
-        return A, b, residual
+            (A, b), E1 = exp_phi1_diagonal(X, z), jnp.expm1(X)
+        return A, b, self._increment_residual(E1, b, ys)
+
+    def _increment_residual(self, E1, b, ys):
+        r"""$(y_k - y_{k-1}) - ((e^{\bar J_{k-1}} - I) y_{k-1} + b_k)$ from
+        `E1` $= e^{\bar J} - I$ (dense or diagonal) and the offsets `b`."""
+        prev = previous_states(self.y0, ys)
+        return (ys - prev) - (matvec(E1, prev) + b)
 
     def residual(self, ys):
         r"""$r_k = y_k - e^{\bar J_{k-1}} y_{k-1} - \varphi_1(\bar J_{k-1})\,
@@ -268,11 +271,9 @@ class ExponentialScheme(AbstractWindowScheme):
         return residual
 
     def _residual(self, X, z, ys):
-        prev = previous_states(self.y0, ys)
         if self.jacobian == "dense":
-            return ys - expm_action(X, z, prev)
-        b = exp_phi1_diagonal(X, z)[1]
-        return (ys - prev) - (jnp.expm1(X) * prev + b)
+            return ys - expm_action(X, z, previous_states(self.y0, ys))
+        return self._increment_residual(jnp.expm1(X), exp_phi1_diagonal(X, z)[1], ys)
 
 
 class AbstractDiscretisation(eqx.Module):

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Float
 
-from ._batched import matmul, matvec
+from ._batched import identity_like, matmul, matvec
 from ._misc import batched_like, cotangents_for, is_undefined
 
 
@@ -67,9 +67,7 @@ def _paterson_stockmeyer(X, z, degree):
     the small increment keeps its relative accuracy) and `sum_j X^j z / (j+1)!` (same
     degree), batched: powers `X^2, X^3` once, then Horner in `X^3` over blocks of three
     terms."""
-    n = X.shape[-1]
-    eye = jnp.broadcast_to(jnp.eye(n, dtype=X.dtype), X.shape)
-    powers = [eye, X]
+    powers = [identity_like(X), X]
     for _ in range(2, _BLOCK + 1):
         powers.append(matmul(powers[-1], X))
     big = powers[_BLOCK]
@@ -99,11 +97,6 @@ def _paterson_stockmeyer(X, z, degree):
     for i in range(num_blocks - 2, -1, -1):
         w = vblock(i) + matvec(big, w)
     return E, w
-
-
-def _eye(X: Array) -> Array:
-    """The identity, broadcast to `X`'s batch of matrices."""
-    return jnp.broadcast_to(jnp.eye(X.shape[-1], dtype=X.dtype), X.shape)
 
 
 def expm1_phi1(
@@ -359,7 +352,7 @@ def _krylov(X, z, y, degree):
 
 def _action_general(X, z, y):
     E, w = expm_phi1(X, z)
-    return y + (matvec(E - _eye(X), y) + w)
+    return y + (matvec(E - identity_like(X), y) + w)
 
 
 def _where_needed(needed, general, value):
@@ -502,7 +495,7 @@ def expm_phi1(
         ```
     """
     E1, w = _taylor_scaling_squaring(X, z)
-    return E1 + _eye(X), cast(Array, w)
+    return E1 + identity_like(X), cast(Array, w)
 
 
 @expm_phi1.defjvp
@@ -517,7 +510,7 @@ def expm(X: Float[Array, "*batch n n"]) -> Float[Array, "*batch n n"]:
     r"""Matrix exponential $e^X$, batched over leading axes; see
     [`diffrax_deer.expm_phi1`][]. Agrees with `jax.scipy.linalg.expm`, but costs a
     fixed low-degree polynomial plus only as many squarings as the batch needs."""
-    return _taylor_scaling_squaring(X, None)[0] + _eye(X)
+    return _taylor_scaling_squaring(X, None)[0] + identity_like(X)
 
 
 @expm.defjvp

@@ -34,7 +34,7 @@ import functools as ft
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._batched import matmul, matvec, solve
+from ._batched import identity_like, matmul, matvec, solve
 from ._linear_recurrence import associative_scan, solve_linear_recurrence
 from ._sharding import TimeSharding
 
@@ -55,7 +55,7 @@ def _mul(A, B, diagonal):
 def _eye_like(M, diagonal):
     if diagonal:
         return jnp.ones_like(M)
-    return jnp.broadcast_to(jnp.eye(M.shape[-1], dtype=M.dtype), M.shape)
+    return identity_like(M)
 
 
 def _riccati_combine(earlier, later, *, diagonal):
