@@ -3,15 +3,15 @@ r"""Initial guesses for a window's Newton iteration.
 Newton's method converges quadratically once it is close; from a constant guess it can
 spend many iterations getting there (oscillating dynamics: tens of iterations) or not
 get there at all. The *coarse-grid predictor* (nested iteration, as in multigrid) solves
-the same window with the same scheme on a grid `factor` times coarser -- recursively
-while that grid is large, and from the constant guess once it has at most
-`MAX_DIRECT_INTERVALS` intervals -- and interpolates that solution onto the finer grid
-as its initial guess, by cubic Hermite interpolation from its values and slopes for every
-scheme ($O(\Delta^4)$ from the coarse trajectory; a Runge--Kutta solver's own dense
-output, which needs every coarse step's stages again, gave the same fine-grid iteration
-counts on the training benchmark from a 7% larger program). Each coarse level costs
-about `1/factor` of the level above, and the fine level then typically needs two or
-three iterations.
+the same window with the same scheme on a coarser grid and interpolates that solution
+onto the finer grid as its initial guess, by cubic Hermite interpolation from its values
+and slopes for every scheme ($O(\Delta^4)$ from the coarse trajectory; a Runge--Kutta
+solver's own dense output, which needs every coarse step's stages again, gave the same
+fine-grid iteration counts on the training benchmark from a 7% larger program). The
+coarse grid has `factor` times fewer intervals, capped at `max_direct_intervals`, and is
+solved from the constant guess; only when that cap would coarsen by more than
+`max_factor` is the coarse grid `factor` times coarser and itself solved from a predictor
+(recursively). The fine level then typically needs one to three iterations.
 
 The guess changes only how fast Newton converges, never the answer: the converged
 trajectory is the fixed point of the fine grid's scheme, and gradients never depend on
@@ -44,6 +44,18 @@ MIN_COARSE_INTERVALS = 32
 # instead of two at T = 1e4 (CPU, py3.11) the fine-grid iterations were unchanged
 # (mlp4 2, vdp 2, hnn8 1), forward time within noise, compile 1.5-2.6 s less.
 MAX_DIRECT_INTERVALS = 2048
+# The largest coarsening from a grid to the one level below it: a grid of up to
+# MAX_FACTOR * MAX_DIRECT_INTERVALS intervals (131072) has one coarse level, of at most
+# MAX_DIRECT_INTERVALS. Measured at T = 1e5 (CPU, py3.11, `bench_training`'s problems,
+# fresh processes, two rounds): one level of 2040 intervals instead of two (12499 and
+# 1562) kept the fine-grid iterations (vdp 2, mlp4 1, hnn8 1) with fewer coarse ones,
+# forward time the same or 3-15% less, and the first call compiled 0.8-2.7 s sooner
+# (forward 3.2-6.9 -> 2.3-4.2 s; mlp4's gradient 9.6-14.1 -> 8.1-11.8 s). A larger
+# jump costs fine iterations: a guess is only as accurate as its grid's discretisation
+# error (f^2 times the fine grid's for the 2nd-order scheme); Van der Pol at T = 1e6
+# took 2 fine iterations from one level of 16129 intervals (factor 62) against 1 from
+# 124999 (factor 8, itself from one level of 2048).
+MAX_FACTOR = 64
 
 
 def coarse_intervals(
@@ -52,6 +64,34 @@ def coarse_intervals(
     """Intervals of the first coarse grid, or None if the window is too short."""
     n = (num_points - 1) // factor
     return n if n >= min_intervals else None
+
+
+def coarse_levels(
+    num_points: int,
+    factor: int = COARSENING_FACTOR,
+    min_intervals: int = MIN_COARSE_INTERVALS,
+    max_direct_intervals: int = MAX_DIRECT_INTERVALS,
+    max_factor: int = MAX_FACTOR,
+) -> tuple[int, ...]:
+    """The intervals of the predictor's coarse grids for a window of `num_points`
+    points, finest first; empty if the window is too short to coarsen. A grid's coarse
+    level has `factor` times fewer intervals, at most `max_direct_intervals`, and is
+    the last (solved from the constant guess), unless that cap would coarsen the grid
+    by more than `max_factor`: then it keeps `factor` times fewer intervals and has a
+    coarse level of its own.
+
+    >>> coarse_levels(10_001), coarse_levels(100_001), coarse_levels(1_000_001)
+    ((1250,), (2048,), (125000, 2048))
+    """
+    levels = []
+    n_fine = num_points - 1
+    while (n := coarse_intervals(n_fine + 1, factor, min_intervals)) is not None:
+        if n <= max_direct_intervals or n_fine <= max_factor * max_direct_intervals:
+            levels.append(min(n, max_direct_intervals))
+            break
+        levels.append(n)
+        n_fine = n
+    return tuple(levels)
 
 
 def constant_guess(problem: AbstractWindowScheme) -> Float[Array, "T D"]:
@@ -63,46 +103,40 @@ def coarse_grid_guess(
     problem: AbstractWindowScheme,
     root_finder: AbstractTrajectoryRootFinder,
     max_iters: int,
-    *,
-    factor: int = COARSENING_FACTOR,
-    min_intervals: int = MIN_COARSE_INTERVALS,
-    max_direct_intervals: int = MAX_DIRECT_INTERVALS,
+    **levels_options: int,
 ) -> tuple[Float[Array, "T D"], Int[Array, ""]]:
-    """Initial guess from recursively solving the window on coarser grids with
-    `root_finder`, and the number of Newton iterations spent on all coarse levels. The
-    coarsest level (at most `max_direct_intervals` intervals, or too short to coarsen
-    further) starts from the constant guess.
+    """Initial guess from solving the window on the coarse grids of `coarse_levels`
+    (called with `levels_options`) with `root_finder`, coarsest first, each from the
+    constant guess or the interpolated solution of the level below, and the number of
+    Newton iterations spent on all coarse levels.
 
-    Falls back to `constant_guess` when the window is too short to coarsen (see
-    `coarse_intervals`), or when a coarse solve fails (no convergence, or non-finite
-    values)."""
-    n_coarse = coarse_intervals(problem.num_points, factor, min_intervals)
-    if n_coarse is None:
-        return constant_guess(problem), jnp.array(0, jnp.int32)
+    Falls back to `constant_guess` when the window is too short to coarsen, and a level
+    whose coarse solve fails (no convergence, or non-finite values) starts from the
+    constant guess."""
+    levels = coarse_levels(problem.num_points, **levels_options)
+    iters = jnp.array(0, jnp.int32)
+    if not levels:
+        return constant_guess(problem), iters
     # The guess is never differentiated: keep autodiff out of the coarse solves.
     dynamic, static = eqx.partition(problem, eqx.is_inexact_array)
     problem = eqx.combine(lax.stop_gradient(dynamic), static)
-    coarse = problem.coarsen(n_coarse + 1)
     # A coarse solve that fails falls back to the constant guess: completing it
     # sequentially (`ParallelNewton.sequential_fallback`) would only cost compile time.
     if getattr(root_finder, "sequential_fallback", False):
         root_finder = dataclasses.replace(root_finder, sequential_fallback=False)
-    if n_coarse <= max_direct_intervals:
-        guess, coarser_iters = constant_guess(coarse), jnp.array(0, jnp.int32)
-    else:
-        guess, coarser_iters = coarse_grid_guess(
-            coarse, root_finder, max_iters, factor=factor, min_intervals=min_intervals,
-            max_direct_intervals=max_direct_intervals,
+    grids = [problem.coarsen(n + 1) for n in levels[::-1]] + [problem]
+    guess = constant_guess(grids[0])
+    for coarse, finer in zip(grids[:-1], grids[1:]):
+        ys, stats = solve_trajectory(coarse, guess, root_finder, max_iters)
+        ys_full = jnp.concatenate([coarse.y0[None], ys])
+        interp = HermiteGridInterpolation(
+            t0=coarse.t0, t1=coarse.t1, ts=coarse.ts, ys=ys_full, fs=coarse.slopes(ys_full)
         )
-    ys, stats = solve_trajectory(coarse, guess, root_finder, max_iters)
-    ys_full = jnp.concatenate([coarse.y0[None], ys])
-    interp = HermiteGridInterpolation(
-        t0=coarse.t0, t1=coarse.t1, ts=coarse.ts, ys=ys_full, fs=coarse.slopes(ys_full)
-    )
-    fine = jax.vmap(interp.evaluate)(problem.ts[1:])
-    ok = is_successful(stats) & jnp.all(jnp.isfinite(fine))
-    guess = jnp.where(ok, fine, constant_guess(problem))
-    return guess, coarser_iters + stats.num_iters
+        fine = jax.vmap(interp.evaluate)(finer.ts[1:])
+        ok = is_successful(stats) & jnp.all(jnp.isfinite(fine))
+        guess = jnp.where(ok, fine, constant_guess(finer))
+        iters = iters + stats.num_iters
+    return guess, iters
 
 
 class AbstractInitialGuess(eqx.Module):
@@ -131,12 +165,15 @@ class ConstantGuess(AbstractInitialGuess):
 
 class CoarseGridGuess(AbstractInitialGuess):
     r"""The coarse-grid predictor (the default; see the module doc): solve the window
-    with the same scheme and root finder on a grid `factor` times coarser (at least
-    `min_intervals` intervals; recursively while it has more than
-    `max_direct_intervals`) and interpolate that solution onto the window's grid. The
-    fine grid then usually needs 1-3 Newton iterations; each coarse level costs about
-    `1/factor` of the level above. Windows too short to coarsen start from
-    `ConstantGuess`.
+    with the same scheme and root finder on a grid with `factor` times fewer intervals
+    (at least `min_intervals`), capped at `max_direct_intervals` intervals and solved
+    from the constant guess, and interpolate that solution onto the window's grid. Only
+    where the cap would coarsen by more than `max_factor` (windows of more than
+    `max_factor * max_direct_intervals` intervals, 131072 by default) does the coarse
+    grid keep `factor` times fewer intervals and get a predictor of its own
+    (recursively). The fine grid then usually needs 1-3 Newton iterations; each coarse
+    level (a separately compiled Newton loop) costs a fraction of the level above.
+    Windows too short to coarsen start from `ConstantGuess`.
 
     !!! example
 
@@ -148,10 +185,13 @@ class CoarseGridGuess(AbstractInitialGuess):
     factor: int = eqx.field(static=True, default=COARSENING_FACTOR)
     min_intervals: int = eqx.field(static=True, default=MIN_COARSE_INTERVALS)
     max_direct_intervals: int = eqx.field(static=True, default=MAX_DIRECT_INTERVALS)
+    max_factor: int = eqx.field(static=True, default=MAX_FACTOR)
 
     def __check_init__(self):
-        if not (isinstance(self.factor, int) and self.factor >= 2):
-            raise ValueError(f"`factor` must be an integer >= 2; got {self.factor!r}.")
+        for name in ("factor", "max_factor"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 2):
+                raise ValueError(f"`{name}` must be an integer >= 2; got {value!r}.")
         for name in ("min_intervals", "max_direct_intervals"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
@@ -161,7 +201,7 @@ class CoarseGridGuess(AbstractInitialGuess):
         return coarse_grid_guess(
             problem, root_finder, max_iters, factor=self.factor,
             min_intervals=self.min_intervals,
-            max_direct_intervals=self.max_direct_intervals,
+            max_direct_intervals=self.max_direct_intervals, max_factor=self.max_factor,
         )
 
 

@@ -71,6 +71,24 @@ def test_initial_guess_objects():
     assert DEER(initial_guess="coarse").initial_guess == "coarse"  # shorthands stay
 
 
+def test_coarse_levels():
+    # One coarse level of at most 2048 intervals, from the constant guess, while that
+    # coarsens at most 64-fold; beyond, a level 8x coarser with a predictor of its own.
+    from diffrax_deer._initial_guess import coarse_levels
+
+    assert coarse_levels(256) == ()  # too short to coarsen (31 < 32 intervals)
+    assert coarse_levels(257) == (32,)
+    assert coarse_levels(10_001) == (1250,)
+    assert coarse_levels(16_393) == (2048,)
+    assert coarse_levels(100_001) == (2048,)
+    assert coarse_levels(131_073) == (2048,)  # 131072 intervals: 64-fold
+    assert coarse_levels(131_081) == (16_385, 2048)
+    assert coarse_levels(1_000_001) == (125_000, 2048)
+    assert coarse_levels(2_000_001) == (250_000, 31_250, 2048)
+    assert coarse_levels(513, factor=4) == (128,)
+    assert coarse_levels(100_001, max_factor=8) == (12_500, 1562)  # two levels, as before `max_factor`
+
+
 def test_discretisation_objects():
     term = diffrax.ODETerm(van_der_pol)
     for short, obj in [(None, ExponentialTrapezoid()), (diffrax.Heun(), RungeKuttaMap(diffrax.Heun()))]:
@@ -93,6 +111,8 @@ def test_options_validate_themselves():
         ELK(damping=0.0)
     with pytest.raises(ValueError, match="factor"):
         CoarseGridGuess(factor=1)
+    with pytest.raises(ValueError, match="max_factor"):
+        CoarseGridGuess(max_factor=1)
     with pytest.raises(TypeError, match="callable"):
         WarmStartGuess(3.0)
     with pytest.raises(TypeError, match="implicit"):
