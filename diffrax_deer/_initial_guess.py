@@ -126,7 +126,7 @@ def coarse_grid_guess(
         root_finder = dataclasses.replace(root_finder, sequential_fallback=False)
     grids = [problem.coarsen(n + 1) for n in levels[::-1]] + [problem]
     guess = constant_guess(grids[0])
-    for coarse, finer in zip(grids[:-1], grids[1:]):
+    for coarse, finer in zip(grids[:-1], grids[1:], strict=True):
         ys, stats = solve_trajectory(coarse, guess, root_finder, max_iters)
         ys_full = jnp.concatenate([coarse.y0[None], ys])
         interp = HermiteGridInterpolation(
