@@ -47,7 +47,7 @@ MAX_DIRECT_INTERVALS = 2048
 # The largest coarsening from a grid to the one level below it: a grid of up to
 # MAX_FACTOR * MAX_DIRECT_INTERVALS intervals (131072) has one coarse level, of at most
 # MAX_DIRECT_INTERVALS. Measured at T = 1e5 (CPU, py3.11, `bench_training`'s problems,
-# fresh processes, two rounds): one level of 2040 intervals instead of two (12499 and
+# fresh processes, two rounds): one level of 2048 intervals instead of two (12499 and
 # 1562) kept the fine-grid iterations (vdp 2, mlp4 1, hnn8 1) with fewer coarse ones,
 # forward time the same or 3-15% less, and the first call compiled 0.8-2.7 s sooner
 # (forward 3.2-6.9 -> 2.3-4.2 s; mlp4's gradient 9.6-14.1 -> 8.1-11.8 s). A larger
