@@ -7,11 +7,9 @@ the same window with the same scheme on a coarser grid and interpolates that sol
 onto the finer grid as its initial guess, by cubic Hermite interpolation from its values
 and slopes for every scheme ($O(\Delta^4)$ from the coarse trajectory; a Runge--Kutta
 solver's own dense output, which needs every coarse step's stages again, gave the same
-fine-grid iteration counts on the training benchmark from a 7% larger program). The
-coarse grid has `factor` times fewer intervals, capped at `max_direct_intervals`, and is
-solved from the constant guess; only when that cap would coarsen by more than
-`max_factor` is the coarse grid `factor` times coarser and itself solved from a predictor
-(recursively). The fine level then typically needs one to three iterations.
+fine-grid iteration counts on the training benchmark from a 7% larger program). One
+coarse level, from the constant guess, except for very long windows (`coarse_levels`).
+The fine level then typically needs one to three iterations.
 
 The guess changes only how fast Newton converges, never the answer: the converged
 trajectory is the fixed point of the fine grid's scheme, and gradients never depend on
@@ -58,14 +56,6 @@ MAX_DIRECT_INTERVALS = 2048
 MAX_FACTOR = 64
 
 
-def coarse_intervals(
-    num_points: int, factor: int = COARSENING_FACTOR, min_intervals: int = MIN_COARSE_INTERVALS
-) -> int | None:
-    """Intervals of the first coarse grid, or None if the window is too short."""
-    n = (num_points - 1) // factor
-    return n if n >= min_intervals else None
-
-
 def coarse_levels(
     num_points: int,
     factor: int = COARSENING_FACTOR,
@@ -85,7 +75,7 @@ def coarse_levels(
     """
     levels = []
     n_fine = num_points - 1
-    while (n := coarse_intervals(n_fine + 1, factor, min_intervals)) is not None:
+    while (n := n_fine // factor) >= min_intervals:
         if n <= max_direct_intervals or n_fine <= max_factor * max_direct_intervals:
             levels.append(min(n, max_direct_intervals))
             break
