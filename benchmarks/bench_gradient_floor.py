@@ -20,10 +20,15 @@ Two measurements behind the limits in the README ("Training through the solver")
    gradient of `bench_training`'s loss.
 
 2. **Saved times inside one window.** diffrax evaluates `SaveAt(ts=...)` in a loop over
-   the saved times of each step, whose reverse pass accumulates the cotangent of the
-   step's whole dense output (here the window's `(T, D)` grid values and slopes) once
-   per saved time: $O(\\text{saves} \\times T D)$ work that the forward pass does not
-   have. Measured as the gradient against the number of saved times.
+   the saved times of each step, whose reverse pass adds each saved time's cotangent of
+   the step's dense output (here the window's `(T, D)` grid values and slopes) to a
+   running sum. Under `RecursiveCheckpointAdjoint` XLA updates that sum in place, since
+   the dense output reads each array through one slice (`_interpolation._pair`):
+   $O(D)$ per saved time. Under `DirectAdjoint` (diffrax's bounded loop: each step of
+   the save loop inside a `lax.cond`, run for the saved times rounded up to a power of
+   16) it writes the whole array per step: $O(\\text{saves} \\times T D)$ work that
+   the forward pass does not have. Measured as the gradient against the number of saved
+   times.
 
     .venv/bin/python -m benchmarks.bench_gradient_floor
 
@@ -129,7 +134,7 @@ def main():
     parser.add_argument("--models", nargs="*", default=["mlp4", "mlp16", "hnn8", "vdp"])
     parser.add_argument("--saves", type=int, nargs="*", default=[1, 10, 50, 200])
     parser.add_argument("--saves-models", nargs="*", default=["vdp", "mlp4"])
-    parser.add_argument("--saves-grid", type=int, default=10_000)
+    parser.add_argument("--saves-grid", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=9)
     opts = parser.parse_args()
     floor = [_floor_row(key, T, opts.repeats) for key in opts.models for T in opts.grids]
@@ -172,8 +177,9 @@ def main():
             ],
             saves,
             "Loss = sum of squares of `SaveAt(ts=linspace(0, 5, saves))` (1: `SaveAt(t1=True)`). "
-            "The reverse pass of diffrax's save loop accumulates the cotangent of the whole "
-            "window's dense output once per saved time.",
+            "The reverse pass of diffrax's save loop adds each saved time's cotangent of the "
+            "window's dense output to a running sum: in place under RecursiveCheckpoint, "
+            "the whole `(T, D)` arrays per step of the loop under Direct (see the module doc).",
         ),
     ]
     paths = common.write_results(
