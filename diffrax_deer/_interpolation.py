@@ -20,7 +20,7 @@ Two interpolations, one per discretisation (see [`diffrax_deer.DEER`][]):
 Both locate the interval of `t` the same way (`_AbstractGridInterpolation._locate`),
 and read each array of the window once per evaluation, as one slice (`_pair`): in
 reverse mode that keeps the cost of each time saved inside a window independent of the
-window's length (see `_pair`).
+window's length.
 """
 
 from collections.abc import Callable
