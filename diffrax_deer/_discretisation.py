@@ -266,7 +266,11 @@ class ExponentialScheme(AbstractWindowScheme):
                 self._increment, self.ts, about_full, "dense", self.time_sharding
             )
             X, z = problem._interval_averages(ys, lax.stop_gradient(J))
-            return problem._residual(X, z, ys)
+            # (`X` depends on the held Jacobians only. Without `stop_gradient` the
+            # optimisation barrier of `_interval_averages`, which `z` passes too, gives
+            # it a zero tangent that the exponential's transpose would pull back, through
+            # the Fréchet derivative where matrices need squaring.)
+            return problem._residual(lax.stop_gradient(X), z, ys)
 
         return residual
 
