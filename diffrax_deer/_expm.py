@@ -573,8 +573,8 @@ def expm_action(
     where the Fréchet derivative of $e^M$ takes $O(n^3)$ (reverse mode, CPU, T = 1e4,
     n = 4: 0.8 ms against 10-12 ms). Matrices that need squaring, if any, go through
     `expm_phi1`'s Fréchet derivative, or, in reverse mode with $X$ held fixed, through
-    the action of $e^{X^\top}$ and $\varphi_1(X^\top)$. Differentiable in forward and reverse mode, to
-    any order (second derivatives through `expm_phi1`'s).
+    the action of $e^{X^\top}$ and $\varphi_1(X^\top)$. Differentiable in forward and
+    reverse mode, to any order (second derivatives through `expm_phi1`'s).
 
     !!! example
 
