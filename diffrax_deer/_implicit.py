@@ -11,8 +11,9 @@ where $L$ is block lower-bidiagonal and $\tilde L$, the linear recurrence of the
 linearisation at $y$ (transitions $A_k$), approximates it (is it, when the
 linearisation is exact).
 
-- Forward mode: $R\,\mathrm{d}\theta$ by one Jacobian-vector product, then
-  `lineax.linear_solve` with $L$ as a `TrajectoryJacobianOperator` and
+- Forward mode: one linearisation of the residual in $y$ and $\theta$ at the root
+  (`linearise_residual`) gives $R\,\mathrm{d}\theta$ and the products with $L$;
+  then `lineax.linear_solve` with $L$ as a `TrajectoryJacobianOperator` and
   `TrajectoryJacobianSolver` (see `_lineax.py`): one scan, refined by Richardson steps
   $x \leftarrow x + \tilde L^{-1}(v - L x)$ when $\tilde L \ne L$.
 - Reverse mode (the transpose): the cotangent $\bar\theta = -R^\top \lambda$ with
@@ -49,7 +50,7 @@ import optimistix as optx
 from jaxtyping import Array, Bool
 
 from ._linear_recurrence import solve_linear_recurrence
-from ._lineax import refine, trajectory_jacobian, TrajectoryJacobianSolver
+from ._lineax import linearise_residual, refine, TrajectoryJacobianSolver
 from ._misc import (
     batched_like,
     cotangents_for,
@@ -77,11 +78,10 @@ def _residual(ys, problem):
 
 def _forward(ys_at, ok, problem, t_problem, rtol, max_steps):
     """$-L^{-1} R\\, \\mathrm{d}\\theta$ (zero where not `ok`)."""
-    _, t_residual = eqx.filter_jvp(lambda p: _residual(ys_at, p), (problem,), (t_problem,))
+    operator, t_residual = linearise_residual(problem, ys_at, t_problem)
     if t_residual is None:
         return jnp.zeros_like(ys_at)
     t_residual = jnp.where(ok, t_residual, 0)
-    operator = trajectory_jacobian(problem, ys_at)
     solver = TrajectoryJacobianSolver(rtol=rtol, max_steps=max_steps)
     return lx.linear_solve(operator, -t_residual, solver).value
 
@@ -97,7 +97,7 @@ def _transpose(ys_at, ok, problem, ct, rtol, max_steps):
     # Runge--Kutta map no faster end to end, though its backward pass alone went
     # 15.3 -> 6.9 ms. Carrying the transitions through every iteration costs more than
     # recomputing them once.)
-    # Unlike forward mode's `trajectory_jacobian`, the transitions are not taken from
+    # Unlike forward mode's `linearise_residual`, the transitions are not taken from
     # the residual's own evaluation (`residual_and_transitions`): in reverse mode that
     # measured no faster (CPU, py3.11, Direct gradient: mlp4 T = 1e4 75 against
     # 68 ms, hnn8 T = 1e3 49.7 against 49.6 ms).

@@ -31,6 +31,7 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, Float, PyTree
 
@@ -164,15 +165,45 @@ def trajectory_jacobian(
     """The `TrajectoryJacobianOperator` of `problem` at `ys`: its exact products and its
     transitions from one linearisation of `problem.residual_and_transitions` (for the
     exponential scheme, one evaluation of the vector field's Jacobians serves both)."""
+    return linearise_residual(problem, ys)[0]
+
+
+def linearise_residual(
+    problem: AbstractTrajectoryProblem, ys: Float[Array, "T D"], t_problem: PyTree = None
+) -> tuple[TrajectoryJacobianOperator, Float[Array, "T D"] | None]:
+    r"""`trajectory_jacobian(problem, ys)` and, for a tangent `t_problem` of the
+    problem's arrays (None where not perturbed), $R\,\mathrm{d}\theta$ with
+    $R = \partial r / \partial \theta$ (None if nothing is perturbed), from one
+    linearisation of the residual in the trajectory and the perturbed arrays together.
+
+    Forward mode's implicit derivative needs both at the root, and one evaluation of
+    the residual then serves both. (Measured against linearising twice, CPU, py3.11,
+    `bench_training`'s `jax.jvp` at T = 1e4 and 1e5, two interleaved rounds: 17-26
+    fewer kernels of 500-730; run time 1-27% less in 9 of 10 pairs, compile time less
+    in 7 of 10.)"""
+    if t_problem is None:
+        perturbed = jtu.tree_map(lambda _: False, problem)
+    else:
+        perturbed = jtu.tree_map(lambda _, t: t is not None, problem, t_problem)
+    diff, rest = eqx.partition(problem, perturbed)
+
+    def residual_and_transitions(ys, diff):
+        return eqx.combine(diff, rest).residual_and_transitions(ys)
+
     _, products, transitions = jax.linearize(
-        problem.residual_and_transitions, ys, has_aux=True
+        residual_and_transitions, ys, diff, has_aux=True
     )
-    return TrajectoryJacobianOperator(
-        lx.FunctionLinearOperator(products, jax.eval_shape(lambda: ys)),
+    zeros = jtu.tree_map(jnp.zeros_like, diff)
+    operator = TrajectoryJacobianOperator(
+        lx.FunctionLinearOperator(lambda x: products(x, zeros), jax.eval_shape(lambda: ys)),
         transitions,
         exact=bool(problem.exact_jacobian),
         sharding=problem.time_sharding,
     )
+    if not jtu.tree_leaves(diff):
+        return operator, None
+    t_diff = eqx.filter(t_problem, perturbed)
+    return operator, products(jnp.zeros_like(ys), t_diff)
 
 
 @lx.linearise.register(TrajectoryJacobianOperator)
