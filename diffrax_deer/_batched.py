@@ -26,13 +26,21 @@ def identity_like(A: Array) -> Array:
     return jnp.broadcast_to(jnp.eye(A.shape[-1], dtype=A.dtype), A.shape)
 
 
+def take(A: Array, i: int, axis: int, keepdims: bool = False) -> Array:
+    """`A`'s index `i` along `axis` (negative: from the end). With `lax`'s slicing, not
+    NumPy indexing: the unrolled products here take hundreds of slices, and NumPy-style
+    indexing costs about half a millisecond of tracing each (measured: a third of a
+    second of the HNN gradient's first call on CPU, py3.11)."""
+    return lax.index_in_dim(A, i, axis % A.ndim, keepdims=keepdims)
+
+
 def matmul(A: Array, B: Array) -> Array:
     """`A @ B` over leading batch axes, for square `(..., D, D)` matrices."""
     D = A.shape[-1]
     if _use_fused(D):
-        out = A[..., :, 0, None] * B[..., None, 0, :]
+        out = take(A, 0, -1, keepdims=True) * take(B, 0, -2, keepdims=True)
         for j in range(1, D):
-            out = out + A[..., :, j, None] * B[..., None, j, :]
+            out = out + take(A, j, -1, keepdims=True) * take(B, j, -2, keepdims=True)
         return out
     return jnp.einsum("...ij,...jk->...ik", A, B, precision=_HIGHEST)
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Float
 
-from ._batched import identity_like, matmul, matvec
+from ._batched import identity_like, matmul, matvec, take
 from ._misc import batched_like, cotangents_for, is_undefined
 
 
@@ -119,10 +119,9 @@ def norm1(X: Array) -> Array:
     n = X.shape[-1]
     if n > 8:
         return jnp.max(jnp.sum(jnp.abs(X), axis=-2), axis=-1)
-    columns = [
-        ft.reduce(operator.add, [jnp.abs(X[..., i, k]) for i in range(n)]) for k in range(n)
-    ]
-    return ft.reduce(jnp.maximum, columns)
+    absolute = jnp.abs(X)
+    sums = ft.reduce(operator.add, [take(absolute, i, -2) for i in range(n)])
+    return ft.reduce(jnp.maximum, [take(sums, k, -1) for k in range(n)])
 
 
 def _taylor_scaling_squaring(X: Array, z: Array | None):
