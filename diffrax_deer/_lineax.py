@@ -184,7 +184,9 @@ def linearise_residual(
     if t_problem is None:
         perturbed = jtu.tree_map(lambda _: False, problem)
     else:
-        perturbed = jtu.tree_map(lambda _, t: t is not None, problem, t_problem)
+        perturbed = jtu.tree_map(
+            lambda x, t: t is not None and eqx.is_inexact_array(x), problem, t_problem
+        )
     diff, rest = eqx.partition(problem, perturbed)
 
     def residual_and_transitions(ys, diff):
