@@ -435,10 +435,9 @@ def _squaring_transpose(X, z, y, ct):
     v = jnp.concatenate([y, jnp.ones_like(y[..., :1])], axis=-1)
     Mt = jnp.swapaxes(_augment(X, z), -1, -2)
     direction = lam[..., :, None] * v[..., None, :]
-    E1, L = jax.jvp(lambda A: _taylor_scaling_squaring(A, None)[0], (Mt,), (direction,))
-    ct_M = cast(Array, L)
-    ct_y = ct + matvec(E1, lam)[..., :n]
-    return ct_M[..., :n, :n], ct_M[..., :n, n], ct_y
+    E1, ct_M = jax.jvp(lambda A: _taylor_scaling_squaring(A, None)[0], (Mt,), (direction,))
+    ct_X, ct_z = _augmented_blocks(ct_M, n)
+    return ct_X, ct_z, ct + matvec(E1, lam)[..., :n]
 
 
 def _action_transpose_raw(X, z, y, ct, with_X: bool = True):
