@@ -204,6 +204,25 @@ COLUMNS = [
 ]
 
 
+GRAD_COLUMNS = [
+    common.Column("per_forward", "scan / forward", common.fmt_ratio),
+    common.Column("lax_per_forward", "lax.scan / forward", common.fmt_ratio),
+]
+
+
+def _per_forward(grad_rows, forward_rows):
+    """Each training step's time against its forward evaluation's (same hidden size,
+    length, batch and method), for both scans."""
+    key = lambda row: (row["hidden"], row["T"], row["batch"], row["method"])
+    forward = {key(row): row for row in forward_rows}
+    for row in grad_rows:
+        fwd = forward.get(key(row))
+        for name, column in (("time_s", "per_forward"), ("lax_s", "lax_per_forward")):
+            if fwd is not None and row.get(name) and fwd.get(name):
+                row[column] = row[name] / fwd[name]
+    return grad_rows
+
+
 def _options():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small grid, few repeats")
@@ -254,14 +273,17 @@ def _sections(forward_rows, grad_rows):
         sections.append(
             common.Section(
                 "Training step: value_and_grad w.r.t. the GRU's weights",
-                COLUMNS,
+                COLUMNS[:-1] + GRAD_COLUMNS + COLUMNS[-1:],
                 grad_rows,
                 description=(
                     "`eqx.filter_value_and_grad` of `mean(ys**2)` with respect to the "
                     "cell; gradients by implicit differentiation (one transposed scan "
                     "for deer; exact-JVP refinement for quasi-deer). max err: max over "
                     "the weight arrays of the max-abs gradient difference relative to "
-                    "the largest entry of `jax.lax.scan`'s gradient."
+                    "the largest entry of `jax.lax.scan`'s gradient. / forward: the "
+                    "training step's time against the forward evaluation's of the same "
+                    "row in the table above (same run), for diffrax_deer.scan and for "
+                    "`jax.lax.scan`."
                 ),
             )
         )
@@ -304,7 +326,7 @@ def main():
     common.log(common.describe_machine())
     load_start = os.getloadavg()[0]
     forward_rows = _run_cases(args, [(h, T) for h in args.hidden for T in args.T], "forward")
-    grad_rows = _run_cases(args, args.grad_cases, "grad")
+    grad_rows = _per_forward(_run_cases(args, args.grad_cases, "grad"), forward_rows)
     name = "scan_quick" if args.quick else "scan"
     json_path, md_path = common.write_results(
         name,
